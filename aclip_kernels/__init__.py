@@ -1,0 +1,14 @@
+"""aclip_kernels: fused kernels for A-CLIP's attentive token masking.
+
+Public ops: ``cls_attention``, ``attentive_mask``, ``random_mask`` (see DESIGN.md for semantics;
+``aclip_kernels.reference`` is their pure-PyTorch definition).
+"""
+from . import reference
+from ._library import compiled_backends
+from .backends import available_backends, resolve_backend
+from .ops import attentive_mask, cls_attention, random_mask
+
+__version__ = "0.1.0"
+
+__all__ = ["cls_attention", "attentive_mask", "random_mask", "reference", "compiled_backends",
+           "available_backends", "resolve_backend"]

@@ -1,0 +1,73 @@
+"""Which implementation runs an op: chosen by device and availability, or forced.
+
+Backends: ``torch`` (the pure-PyTorch reference), ``cpu`` (compiled C++), ``cuda`` (compiled CUDA),
+``triton`` (Triton kernels; on GPU, or on CPU under ``TRITON_INTERPRET=1`` for tests).
+Force one per call with ``backend=...`` or for a whole run with ``ACLIP_KERNELS_BACKEND``.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+
+from ._library import compiled_backends, load_error
+
+__all__ = ["BACKENDS", "ENV_VAR", "available_backends", "resolve_backend"]
+
+BACKENDS = ("torch", "cpu", "cuda", "triton")
+ENV_VAR = "ACLIP_KERNELS_BACKEND"
+
+
+def _triton_usable(device: torch.device) -> Optional[str]:
+    """None when the Triton backend can run on ``device``, else the reason it cannot."""
+    if importlib.util.find_spec("triton") is None:
+        return "the triton package is not installed"
+    if importlib.util.find_spec("aclip_kernels.triton") is None:
+        return "this build of aclip_kernels has no Triton kernels"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return f"Triton runs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1); got {device.type}"
+
+
+def _unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        return _triton_usable(device)
+    if backend not in compiled_backends():
+        return load_error() or f"aclip_kernels._C was built without the {backend} backend"
+    if backend != device.type:
+        return f"the {backend} backend runs {backend} tensors; got a tensor on {device}"
+    return None
+
+
+def available_backends(device) -> list:
+    """The backends that can run tensors on ``device``, in order of preference."""
+    device = torch.device(device)
+    preferred = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpu", "triton", "torch")
+    return [b for b in preferred if _unavailable_reason(b, device) is None]
+
+
+def resolve_backend(backend: Optional[str], device: torch.device) -> str:
+    """The backend to run on ``device``: ``backend``, else $ACLIP_KERNELS_BACKEND, else the best.
+
+    Raises ValueError for an unknown name and RuntimeError for a backend that cannot run here.
+    """
+    source = "backend"
+    if backend is None:
+        backend, source = os.environ.get(ENV_VAR) or "auto", ENV_VAR
+    if backend == "auto":
+        if device.type == "cuda":
+            return next(b for b in ("cuda", "triton", "torch")
+                        if _unavailable_reason(b, device) is None)
+        return "cpu" if _unavailable_reason("cpu", device) is None else "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"{source}={backend!r}: expected one of {BACKENDS + ('auto',)}")
+    reason = _unavailable_reason(backend, device)
+    if reason is not None:
+        raise RuntimeError(f"{source}={backend!r} is not available: {reason}")
+    return backend

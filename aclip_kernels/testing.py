@@ -1,0 +1,155 @@
+"""Inputs for parity tests and benchmarks: one grid of attentive_mask cases shared by every backend's
+tests (CPU, Triton, CUDA), and the comparison that all of them apply."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, replace
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .reference import attentive_mask_ref, cls_attention_ref
+
+__all__ = ["MaskCase", "mask_cases", "make_mask_inputs", "assert_mask_matches_reference",
+           "CLS_ATTENTION_TOL", "random_boxes", "cls_attention_inputs", "assert_cls_attention_close"]
+
+# Tolerances of cls_attention against the fp32 reference, per input dtype (the kernels accumulate
+# in fp32; the inputs are what they are, so fp16/bf16 only change how q and k were rounded).
+CLS_ATTENTION_TOL: Dict[torch.dtype, Tuple[float, float]] = {
+    torch.float64: (1e-10, 1e-8),
+    torch.float32: (1e-6, 1e-5),
+    torch.float16: (1e-6, 1e-5),
+    torch.bfloat16: (1e-6, 1e-5),
+}
+
+
+@dataclass(frozen=True)
+class MaskCase:
+    """One attentive_mask configuration. ``scores`` is how the scores are made:
+    "random", "ties" (small integers), "nan" (random with NaN holes), "qk" (fused q/k),
+    "qk_prior" (fused q/k + prior) or "coarse" (a smaller score grid than the online one)."""
+    name: str
+    images: int = 2                  # Bs
+    views: int = 1                   # V
+    prefix: int = 1                  # P
+    grid: Tuple[int, int] = (14, 14)
+    width: int = 64                  # D
+    block: int = 1
+    keep: object = 0.5
+    boxes: bool = False
+    dtype: torch.dtype = torch.float32
+    strided: bool = False            # x is a strided slice of a larger tensor
+    scores: str = "random"
+    heads: int = 4
+
+    @property
+    def id(self) -> str:
+        return self.name
+
+
+def random_boxes(rows: int, generator: torch.Generator, min_size: float = 0.5) -> Tensor:
+    """[rows, 4] (y0, x0, h, w) crops inside the unit square with sides in [min_size, 1]."""
+    size = min_size + (1 - min_size) * torch.rand(rows, 2, generator=generator)
+    origin = (1 - size) * torch.rand(rows, 2, generator=generator)
+    return torch.cat([origin, size], dim=1)
+
+
+def make_mask_inputs(case: MaskCase, device="cpu", seed: int = 0) -> dict:
+    """The keyword arguments of ``attentive_mask`` for ``case`` (x first), on ``device``."""
+    g = torch.Generator().manual_seed(seed)
+    bs, bx = case.images, case.images * case.views
+    n = case.grid[0] * case.grid[1]
+    t = case.prefix + n
+    if case.strided:   # every other row of a wider tensor, and a slice of its width
+        x = torch.randn(2 * bx, t, case.width + 8, generator=g)[::2, :, 4:4 + case.width]
+    else:
+        x = torch.randn(bx, t, case.width, generator=g)
+    kwargs = dict(x=x.to(case.dtype), keep=case.keep, num_prefix_tokens=case.prefix,
+                  grid=case.grid, block=case.block)
+    if case.scores in ("qk", "qk_prior"):
+        dh = 16
+        kwargs["q"] = torch.randn(bs, case.heads, dh, generator=g).to(case.dtype)
+        kwargs["k"] = torch.randn(bs, case.heads, t, dh, generator=g).to(case.dtype)
+        if case.scores == "qk_prior":
+            kwargs["prior"] = torch.rand(bs, n, generator=g) / n
+        if case.grid[0] != case.grid[1]:
+            raise ValueError("fused q/k cases need a square grid (the score grid of k is square)")
+    elif case.scores == "coarse":
+        hs, ws = max(1, case.grid[0] // 2 + 1), max(1, case.grid[1] // 2 + 1)
+        kwargs["scores"] = torch.randn(bs, hs, ws, generator=g)
+    else:
+        scores = torch.randn(bs, *case.grid, generator=g)
+        if case.scores == "ties":
+            scores = torch.randint(0, 3, (bs, *case.grid), generator=g).float()
+        elif case.scores == "nan":
+            scores[torch.rand(scores.shape, generator=g) < 0.3] = float("nan")
+        kwargs["scores"] = scores
+    if case.boxes:
+        kwargs["boxes"] = random_boxes(bx, g)
+    return {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in kwargs.items()}
+
+
+def mask_cases(quick: bool = False) -> List[MaskCase]:
+    """The parity grid of the foundation issue: ViT-B/16, ViT-L/14@336 and an odd grid; P 0/1/5;
+    block 1/2 with and without boxes; 2 views; k=1 and k=all; ties, NaN; fp32/bf16; strided x;
+    fused q/k (+prior) and a coarse score grid. ``quick`` keeps small widths for slow backends."""
+    cases: List[MaskCase] = [
+        MaskCase("vitb16", images=4, width=768),
+        MaskCase("vitb16-aclip", images=4, views=2, width=768, block=2, boxes=True),
+        MaskCase("vitl14-336", images=2, grid=(24, 24), width=1024, block=2, boxes=True, views=2),
+        MaskCase("odd-7x9", grid=(7, 9), width=40),
+        MaskCase("odd-7x9-boxes", grid=(7, 9), width=40, boxes=True, views=2),
+        MaskCase("coarse-scores", grid=(8, 8), block=2, scores="coarse"),
+        MaskCase("coarse-scores-boxes", grid=(8, 8), scores="coarse", boxes=True, views=2),
+        MaskCase("fused-qk", grid=(8, 8), scores="qk", views=2, boxes=True, block=2),
+        MaskCase("fused-qk-prior", grid=(8, 8), scores="qk_prior", prefix=5),
+        MaskCase("fused-qk-bf16", grid=(8, 8), scores="qk", dtype=torch.bfloat16),
+    ]
+    for prefix, block, boxes in itertools.product((0, 1, 5), (1, 2), (False, True)):
+        cases.append(MaskCase(f"p{prefix}-b{block}-{'boxes' if boxes else 'noboxes'}", prefix=prefix,
+                              grid=(8, 8), block=block, boxes=boxes, views=2 if boxes else 1))
+    for keep in (1, 1.0):
+        for block in (1, 2):
+            cases.append(MaskCase(f"keep{keep!r}-b{block}", grid=(8, 8), block=block, keep=keep))
+    for kind, block in itertools.product(("ties", "nan"), (1, 2)):
+        cases.append(MaskCase(f"{kind}-b{block}", grid=(8, 8), block=block, scores=kind))
+    cases.append(MaskCase("nan-boxes", grid=(8, 8), scores="nan", boxes=True))
+    for dtype in (torch.bfloat16, torch.float16):
+        cases.append(MaskCase(f"{str(dtype)[6:]}-b2-boxes", grid=(8, 8), block=2, boxes=True, dtype=dtype, views=2))
+    cases.append(MaskCase("strided", grid=(8, 8), block=2, strided=True, views=2, boxes=True))
+    cases.append(MaskCase("strided-bf16", grid=(8, 8), strided=True, dtype=torch.bfloat16))
+    if quick:
+        cases = [replace(c, width=min(c.width, 64)) for c in cases]
+    return cases
+
+
+def assert_mask_matches_reference(kept: Tensor, idx: Tensor, inputs: dict) -> None:
+    """Exact equality of idx and of every gathered row with the reference, evaluated on the CPU."""
+    cpu = {k: (v.cpu() if isinstance(v, Tensor) else v) for k, v in inputs.items()}
+    ref_kept, ref_idx = attentive_mask_ref(**cpu)
+    assert idx.dtype == torch.int64 and kept.dtype == inputs["x"].dtype
+    torch.testing.assert_close(idx.cpu(), ref_idx, rtol=0, atol=0)
+    torch.testing.assert_close(kept.cpu(), ref_kept, rtol=0, atol=0, equal_nan=True)
+
+
+def cls_attention_inputs(batch: int, heads: int, tokens: int, head_dim: int, dtype: torch.dtype,
+                         device="cpu", strided: bool = False, seed: int = 0) -> Tuple[Tensor, Tensor]:
+    """q [B, H, Dh], k [B, H, T, Dh]; ``strided`` gives k the layout of a fused qkv projection
+    ([B, T, 3, H, Dh] permuted), as timm and open_clip produce it."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, head_dim, generator=g)
+    if strided:
+        qkv = torch.randn(batch, tokens, 3, heads, head_dim, generator=g)
+        k = qkv.to(dtype).to(device).permute(2, 0, 3, 1, 4)[1]
+    else:
+        k = torch.randn(batch, heads, tokens, head_dim, generator=g).to(dtype).to(device)
+    return q.to(dtype).to(device), k
+
+
+def assert_cls_attention_close(result: Tensor, q: Tensor, k: Tensor, num_prefix_tokens: int,
+                               scale: Optional[float] = None) -> None:
+    """Within the per-dtype tolerance of the fp32 (fp64) reference computed on the CPU."""
+    ref = cls_attention_ref(q.cpu(), k.cpu(), num_prefix_tokens, scale)
+    rtol, atol = CLS_ATTENTION_TOL[q.dtype]
+    torch.testing.assert_close(result.cpu(), ref, rtol=rtol, atol=atol)

@@ -1,0 +1,67 @@
+// cls_attention on the CPU: one pass over the keys of each (row, head), fp32 (fp64) accumulation,
+// any strides of q and k, parallel over rows.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "kernels.h"
+
+namespace aclip::cpu {
+
+at::Tensor cls_attention(const at::Tensor& q, const at::Tensor& k, int64_t num_prefix_tokens,
+                         double scale, const std::optional<at::Tensor>& prior) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 4, "cls_attention: q [B, H, Dh] and k [B, H, T, Dh]; got ",
+              q.sizes(), " and ", k.sizes());
+  const int64_t B = q.size(0), H = q.size(1), Dh = q.size(2), T = k.size(2);
+  const int64_t P = num_prefix_tokens, N = T - P;
+  TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == Dh && P >= 0 && N > 0,
+              "cls_attention: k ", k.sizes(), " does not match q ", q.sizes(), " with P=", P);
+  const auto out_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = prior.has_value() ? prior->to(out_dtype).contiguous().clone()
+                                     : at::zeros({B, N}, q.options().dtype(out_dtype));
+  TORCH_CHECK(out.sizes() == at::IntArrayRef({B, N}), "cls_attention: prior must be [B, N] = [", B,
+              ", ", N, "]; got ", out.sizes());
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "cls_attention_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    TORCH_CHECK(k.scalar_type() == q.scalar_type(), "cls_attention: q and k dtypes differ");
+    const scalar_t* qp = q.const_data_ptr<scalar_t>();
+    const scalar_t* kp = k.const_data_ptr<scalar_t>();
+    const auto qs = q.strides(), ks = k.strides();
+    acc_t* op = out.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> logits(T), mean(N);
+      for (int64_t b = begin; b < end; ++b) {
+        std::fill(mean.begin(), mean.end(), acc_t(0));
+        for (int64_t h = 0; h < H; ++h) {
+          const scalar_t* qh = qp + b * qs[0] + h * qs[1];
+          const scalar_t* kh = kp + b * ks[0] + h * ks[1];
+          acc_t top = -INFINITY;
+          for (int64_t t = 0; t < T; ++t) {
+            acc_t dot = 0;
+            for (int64_t d = 0; d < Dh; ++d)
+              dot += static_cast<acc_t>(qh[d * qs[2]]) * static_cast<acc_t>(kh[t * ks[2] + d * ks[3]]);
+            logits[t] = dot * static_cast<acc_t>(scale);
+            top = std::max(top, logits[t]);
+          }
+          acc_t total = 0;
+          for (int64_t t = 0; t < T; ++t) {
+            logits[t] = std::exp(logits[t] - top);
+            total += logits[t];
+          }
+          for (int64_t t = 0; t < N; ++t) mean[t] += logits[P + t] / total;
+        }
+        for (int64_t t = 0; t < N; ++t) op[b * N + t] += mean[t] / static_cast<acc_t>(H);
+      }
+    });
+  });
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(aclip_kernels, CPU, m) { m.impl("cls_attention", &cls_attention); }
+
+}  // namespace aclip::cpu
