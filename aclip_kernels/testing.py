@@ -12,7 +12,7 @@ from torch import Tensor
 from .reference import attentive_mask_ref, cls_attention_ref
 
 __all__ = ["MaskCase", "mask_cases", "make_mask_inputs", "assert_mask_matches_reference",
-           "CLS_ATTENTION_TOL", "random_boxes", "cls_attention_inputs", "assert_cls_attention_close"]
+           "CLS_ATTENTION_TOL", "random_boxes", "cls_attention_inputs", "assert_cls_attention_close", "requires_cuda"]
 
 # Tolerances of cls_attention against the fp32 reference, per input dtype (the kernels accumulate
 # in fp32; the inputs are what they are, so fp16/bf16 only change how q and k were rounded).
@@ -153,3 +153,9 @@ def assert_cls_attention_close(result: Tensor, q: Tensor, k: Tensor, num_prefix_
     ref = cls_attention_ref(q.cpu(), k.cpu(), num_prefix_tokens, scale)
     rtol, atol = CLS_ATTENTION_TOL[q.dtype]
     torch.testing.assert_close(result.cpu(), ref, rtol=rtol, atol=atol)
+
+
+def requires_cuda(test):
+    """Skip ``test`` (with the reason "no CUDA device") where no GPU is visible."""
+    import pytest
+    return pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")(test)
