@@ -1,56 +1,45 @@
 """Loading the compiled op library (``aclip_kernels._C``) and reporting what it was built with.
 
-The library registers the ``aclip_kernels::*`` ops with ``TORCH_LIBRARY`` when it is imported. If it
-is missing, or was built against another torch, the package warns once and the ops run on the
-pure-PyTorch reference: never a crash, never a silently wrong result.
+The library registers the ``aclip_kernels::*`` ops with ``TORCH_LIBRARY`` when it is imported, which
+happens once, when this module is imported. If it is missing, or was built against another torch,
+the package warns once and the ops run on the pure-PyTorch reference: never a crash, never a
+silently wrong result.
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import warnings
-from typing import Optional
+from types import ModuleType
+from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["compiled_library", "compiled_backends", "load_error"]
-
-_ERROR: Optional[str] = None
+__all__ = ["BUILD_INFO", "LOAD_ERROR", "compiled_backends"]
 
 
-@functools.lru_cache(maxsize=None)
-def compiled_library():
-    """The imported ``aclip_kernels._build_info`` module when ``_C`` loaded, else None (warns once)."""
-    global _ERROR
+def _load() -> Tuple[Optional[ModuleType], Optional[str]]:
     try:
         info = importlib.import_module("aclip_kernels._build_info")
     except ImportError:
-        _ERROR = "the compiled library aclip_kernels._C is not built (pip install --no-build-isolation .)"
-    else:
-        built, running = info.TORCH_VERSION, torch.__version__
-        if built.split("+")[0] != running.split("+")[0]:
-            _ERROR = (f"aclip_kernels._C was built for torch {built} but torch {running} is running; "
+        return None, "the compiled library aclip_kernels._C is not built (pip install --no-build-isolation .)"
+    built, running = info.TORCH_VERSION, torch.__version__
+    if built.split("+")[0] != running.split("+")[0]:
+        return None, (f"aclip_kernels._C was built for torch {built} but torch {running} is running; "
                       "rebuild it (pip install --no-build-isolation --force-reinstall .)")
-        else:
-            try:
-                importlib.import_module("aclip_kernels._C")
-                return info
-            except (ImportError, OSError) as exc:
-                _ERROR = f"aclip_kernels._C failed to load: {exc}"
-    warnings.warn(f"{_ERROR}; falling back to the pure-PyTorch reference (slow).",
-                  RuntimeWarning, stacklevel=3)
-    return None
+    try:
+        importlib.import_module("aclip_kernels._C")
+    except (ImportError, OSError) as exc:
+        return None, f"aclip_kernels._C failed to load: {exc}"
+    return info, None
+
+
+BUILD_INFO, LOAD_ERROR = _load()
+if LOAD_ERROR is not None:
+    warnings.warn(f"{LOAD_ERROR}; falling back to the pure-PyTorch reference (slow).",
+                  RuntimeWarning, stacklevel=2)
+_COMPILED = () if BUILD_INFO is None else (("cpu", "cuda") if BUILD_INFO.WITH_CUDA else ("cpu",))
 
 
 def compiled_backends() -> tuple:
     """The compiled backends available: a subset of ("cpu", "cuda")."""
-    info = compiled_library()
-    if info is None:
-        return ()
-    return ("cpu", "cuda") if info.WITH_CUDA else ("cpu",)
-
-
-def load_error() -> Optional[str]:
-    """Why the compiled library is not in use, or None when it is."""
-    compiled_library()
-    return _ERROR
+    return _COMPILED

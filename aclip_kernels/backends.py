@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from ._library import compiled_backends, load_error
+from ._library import LOAD_ERROR, compiled_backends
 
 __all__ = ["BACKENDS", "ENV_VAR", "available_backends", "resolve_backend"]
 
@@ -20,12 +20,18 @@ BACKENDS = ("torch", "cpu", "cuda", "triton")
 ENV_VAR = "ACLIP_KERNELS_BACKEND"
 
 
+if importlib.util.find_spec("triton") is None:
+    _TRITON_MISSING: Optional[str] = "the triton package is not installed"
+elif importlib.util.find_spec("aclip_kernels.triton") is None:
+    _TRITON_MISSING = "this build of aclip_kernels has no Triton kernels"
+else:
+    _TRITON_MISSING = None
+
+
 def _triton_usable(device: torch.device) -> Optional[str]:
     """None when the Triton backend can run on ``device``, else the reason it cannot."""
-    if importlib.util.find_spec("triton") is None:
-        return "the triton package is not installed"
-    if importlib.util.find_spec("aclip_kernels.triton") is None:
-        return "this build of aclip_kernels has no Triton kernels"
+    if _TRITON_MISSING is not None:
+        return _TRITON_MISSING
     if device.type == "cuda":
         return None
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
@@ -39,7 +45,7 @@ def _unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
     if backend == "triton":
         return _triton_usable(device)
     if backend not in compiled_backends():
-        return load_error() or f"aclip_kernels._C was built without the {backend} backend"
+        return LOAD_ERROR or f"aclip_kernels._C was built without the {backend} backend"
     if backend != device.type:
         return f"the {backend} backend runs {backend} tensors; got a tensor on {device}"
     return None

@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .._library import compiled_library
+from .._library import BUILD_INFO
 from ..backends import resolve_backend
 from ..reference import attentive_mask_ref
 from ._checks import MaskArgs, check_mask_args
@@ -91,7 +91,7 @@ def register_attentive_mask(op_name: str, backward_op) -> None:
     torch.library.register_autograd(op_name, backward, setup_context=setup_context)
 
 
-if compiled_library() is not None:
+if BUILD_INFO is not None:
     torch.library.register_fake("aclip_kernels::attentive_mask_backward")(attentive_mask_backward_fake)
     register_attentive_mask("aclip_kernels::attentive_mask",
                             torch.ops.aclip_kernels.attentive_mask_backward)

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._library import compiled_library
+from .._library import BUILD_INFO
 from ..backends import resolve_backend
 from ..reference import cls_attention_backward_ref, cls_attention_ref
 from ._checks import check_qk, check_same_device, shape_of
@@ -67,5 +67,5 @@ def register_cls_attention(op_name: str) -> None:
     torch.library.register_autograd(op_name, _backward, setup_context=_setup_context)
 
 
-if compiled_library() is not None:
+if BUILD_INFO is not None:
     register_cls_attention("aclip_kernels::cls_attention")
