@@ -88,3 +88,18 @@ def test_backward_scatters_to_kept_rows_only():
     torch.testing.assert_close(x.grad, ref.scatter_tokens_ref(grad, idx, 1, 16))
     dropped = torch.ones(2, 16, dtype=torch.bool).scatter_(1, idx, False)
     assert (x.grad[:, 1:][dropped] == 0).all()
+
+
+def test_published_pipeline_baseline_selects_like_the_op_on_full_boxes():
+    """The benchmark's re-expression of the published A-CLIP pipeline is faithful: with full boxes
+    and an EMA crop of 14x14 pixels its resizes are identities and its 7x7 bilinear downsample is
+    the 2x2 block mean, so it keeps the same 25 blocks as the op."""
+    from aclip_kernels.baselines import aclip_published_mask, timm_style_mask
+    g = torch.Generator().manual_seed(0)
+    x, scores = torch.randn(6, 197, 8, generator=g), torch.randn(3, 196, generator=g)
+    boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).repeat(6, 1)
+    kept, idx = aclip_published_mask(x, scores, boxes, 25, ema_pixels=(14, 14))
+    ref_kept, ref_idx = ref.attentive_mask_ref(x, scores, 0.5, block=2, boxes=None)
+    assert torch.equal(idx, ref_idx) and torch.equal(kept, ref_kept)
+    kept, idx = timm_style_mask(x, scores.repeat(2, 1), 98)
+    assert torch.equal(idx, ref.attentive_mask_ref(x, scores, 98)[1])

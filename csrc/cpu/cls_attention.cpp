@@ -11,6 +11,21 @@
 #include "kernels.h"
 
 namespace aclip::cpu {
+namespace {
+
+// Dot product with 8 independent partial sums (vectorisable without reassociating a single sum).
+template <typename acc_t>
+inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
+  acc_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8)
+    for (int j = 0; j < 8; ++j) part[j] += a[d + j] * b[d + j];
+  acc_t total = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+  for (; d < n; ++d) total += a[d] * b[d];
+  return total;
+}
+
+}  // namespace
 
 at::Tensor cls_attention(const at::Tensor& q, const at::Tensor& k, int64_t num_prefix_tokens,
                          double scale, const std::optional<at::Tensor>& prior) {
@@ -34,18 +49,18 @@ at::Tensor cls_attention(const at::Tensor& q, const at::Tensor& k, int64_t num_p
     const auto qs = q.strides(), ks = k.strides();
     acc_t* op = out.mutable_data_ptr<acc_t>();
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> logits(T), mean(N);
+      std::vector<acc_t> logits(T), mean(N), qrow(Dh), krow(Dh);
       for (int64_t b = begin; b < end; ++b) {
         std::fill(mean.begin(), mean.end(), acc_t(0));
         for (int64_t h = 0; h < H; ++h) {
           const scalar_t* qh = qp + b * qs[0] + h * qs[1];
           const scalar_t* kh = kp + b * ks[0] + h * ks[1];
+          for (int64_t d = 0; d < Dh; ++d) qrow[d] = static_cast<acc_t>(qh[d * qs[2]]) * static_cast<acc_t>(scale);
           acc_t top = -INFINITY;
           for (int64_t t = 0; t < T; ++t) {
-            acc_t dot = 0;
-            for (int64_t d = 0; d < Dh; ++d)
-              dot += static_cast<acc_t>(qh[d * qs[2]]) * static_cast<acc_t>(kh[t * ks[2] + d * ks[3]]);
-            logits[t] = dot * static_cast<acc_t>(scale);
+            const scalar_t* kt = kh + t * ks[2];
+            for (int64_t d = 0; d < Dh; ++d) krow[d] = static_cast<acc_t>(kt[d * ks[3]]);
+            logits[t] = dot(qrow.data(), krow.data(), Dh);
             top = std::max(top, logits[t]);
           }
           acc_t total = 0;
@@ -53,7 +68,8 @@ at::Tensor cls_attention(const at::Tensor& q, const at::Tensor& k, int64_t num_p
             logits[t] = std::exp(logits[t] - top);
             total += logits[t];
           }
-          for (int64_t t = 0; t < N; ++t) mean[t] += logits[P + t] / total;
+          const acc_t inv_total = acc_t(1) / total;
+          for (int64_t t = 0; t < N; ++t) mean[t] += logits[P + t] * inv_total;
         }
         for (int64_t t = 0; t < N; ++t) op[b * N + t] += mean[t] / static_cast<acc_t>(H);
       }

@@ -1,0 +1,60 @@
+"""Timing helpers shared by the benchmarks: interleaved medians and the environment record."""
+from __future__ import annotations
+
+import datetime
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Dict
+
+import torch
+
+from ._library import compiled_backends
+
+__all__ = ["time_interleaved", "environment", "synchronize"]
+
+
+def synchronize(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(methods: Dict[str, Callable], device, rounds: int = 15, inner: int = 3,
+                     warmup: int = 2) -> Dict[str, float]:
+    """Median seconds per call of each no-argument callable, timing every method once per round so
+    that all of them see the same machine noise."""
+    for fn in methods.values():          # JIT, autotuning, allocator
+        for _ in range(warmup):
+            fn()
+    samples = {name: [] for name in methods}
+    for _ in range(rounds):
+        for name, fn in methods.items():
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            synchronize(device)
+            samples[name].append((time.perf_counter() - start) / inner)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def environment(device) -> dict:
+    """What a result was measured with: versions, device, threads, git commit, date (UTC)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        commit = ""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "triton": triton_version, "python": platform.python_version(),
+            "device": f"{device.type}: {name}", "threads": torch.get_num_threads(),
+            "compiled_backends": list(compiled_backends()), "git_commit": commit}
