@@ -1,17 +1,21 @@
-"""Op-level benchmark of the attentive_mask forward against the published A-CLIP pipeline, timm-style
-argsort + gather, and the index_select floor (copying the same rows with known indices).
+"""Op-level benchmark of attentive_mask (every available backend) against the published A-CLIP
+pipeline, timm-style argsort + gather, open_clip's PatchDropout and the index_select floor (copying
+the same rows with known indices), forward and forward+backward.
 
-Two ways to run it:
-    python benchmarks/bench_mask.py [--device cuda --dtype bf16 --images 256]   # table + JSON + markdown
-    python -m pytest benchmarks/bench_mask.py --benchmark-only                   # pytest-benchmark suite
+    python benchmarks/bench_mask.py                        # one shape (ViT-B/16, 64 images x 2 views)
+    python benchmarks/bench_mask.py --device cuda --dtype bf16 --images 256
+    python benchmarks/bench_mask.py --sweep                # ViT-B/16@224, ViT-L/14@224, ViT-L/14@336 x
+                                                           # batch 64/256 x fp32/bf16 x fwd/fwd+bwd, + plot
+    python -m pytest benchmarks/bench_mask.py              # the pytest-benchmark suite
 
-The table interleaves the methods round by round in one run and reports medians and ratios
-(the machines are noisy); achieved bandwidth counts the bytes that must move: the kept rows read
-from x and written to ``kept``.
+Methods are interleaved round by round in one run; the tables give medians and ratios (the machines
+are noisy). Achieved bandwidth counts the bytes that must move: forward, the prefix and kept rows
+read from x and written to ``kept``; backward, ``grad_kept`` read and all of ``grad_x`` written.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -20,111 +24,173 @@ from typing import Callable, Dict, Tuple
 import torch
 
 import aclip_kernels as ak
-from aclip_kernels.benchmarking import environment, time_interleaved
 from aclip_kernels.baselines import aclip_published_mask, flat_row_indices, index_select_floor, timm_style_mask
+from aclip_kernels.benchmarking import environment, time_interleaved
 from aclip_kernels.testing import random_boxes
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 RESULTS = Path(__file__).resolve().parent / "results"
+SHAPES = {"ViT-B/16@224": (14, 768), "ViT-L/14@224": (16, 1024), "ViT-L/14@336": (24, 1024)}
+FLOOR = "index_select floor"
+
+
+def _open_clip_patch_dropout():
+    try:
+        from open_clip.transformer import PatchDropout
+    except ImportError:
+        return None
+    return PatchDropout(0.5).train()
 
 
 def make_methods(images: int = 64, views: int = 2, grid: int = 14, width: int = 768, dtype=torch.float32,
-                 device: str = "cpu", block: int = 2, keep: float = 0.5) -> Tuple[Dict[str, Callable], int]:
-    """The methods to time, each a no-argument callable over the same inputs (ViT-B/16 by default),
-    and the bytes that must move (the prefix and kept rows, read once and written once)."""
+                 device: str = "cpu", block: int = 2, keep: float = 0.5, backward: bool = False
+                 ) -> Tuple[Dict[str, Callable], int]:
+    """The methods to time, each a no-argument callable over the same inputs, and the bytes that
+    must move. Every method keeps the prefix token and half of the patches of every row."""
     g = torch.Generator().manual_seed(0)
     bx, n = images * views, grid * grid
-    x = torch.randn(bx, 1 + n, width, generator=g).to(device=device, dtype=dtype)
+    x = torch.randn(bx, 1 + n, width, generator=g).to(device=device, dtype=dtype).requires_grad_(backward)
     scores = torch.rand(images, n, generator=g).to(device)
     boxes = random_boxes(bx, g).to(device)
-    units = (grid // block) ** 2
-    num_units = ak.reference.num_keep_units(keep, units)
-    _, idx = ak.attentive_mask(x, scores, keep, block=block, boxes=boxes, backend="torch")
+    num_units = ak.reference.num_keep_units(keep, (grid // block) ** 2)
+    _, idx = ak.attentive_mask(x.detach(), scores, keep, block=block, boxes=boxes, backend="torch")
     flat = flat_row_indices(idx, 1, 1 + n)
     patch_scores = scores.repeat(views, 1)
-    methods = {}
-    for backend in ak.available_backends(device):
-        methods[f"attentive_mask[{backend}]"] = (
-            lambda b=backend: ak.attentive_mask(x, scores, keep, block=block, boxes=boxes, backend=b))
-    methods["published A-CLIP pipeline"] = lambda: aclip_published_mask(x, scores, boxes, num_units, block=block)
-    methods["timm-style argsort+gather"] = lambda: timm_style_mask(x, patch_scores, num_units * block * block)
-    methods["index_select floor"] = lambda: index_select_floor(x, flat)
-    return methods, 2 * flat.numel() * width * x.element_size()
+    forwards = {f"attentive_mask[{b}]": (lambda b=b: ak.attentive_mask(
+        x, scores, keep, block=block, boxes=boxes, return_indices=False, backend=b))
+        for b in ak.available_backends(device)}
+    forwards["published A-CLIP pipeline"] = lambda: aclip_published_mask(x, scores, boxes, num_units, block=block)[0]
+    forwards["timm-style argsort+gather"] = lambda: timm_style_mask(x, patch_scores, num_units * block * block)[0]
+    patch_dropout = _open_clip_patch_dropout()
+    if patch_dropout is not None:
+        forwards["open_clip PatchDropout (random)"] = lambda: patch_dropout(x)
+    forwards[FLOOR] = lambda: index_select_floor(x, flat)
+    kept_bytes = flat.numel() * width * x.element_size()
+    if not backward:
+        return forwards, 2 * kept_bytes
+
+    def with_backward(forward):
+        grad = torch.randn_like(forward())          # each method's own output shape, made once
+
+        def run():
+            forward().backward(grad)
+            x.grad = None
+        return run
+    return {name: with_backward(fn) for name, fn in forwards.items()}, 3 * kept_bytes + x.numel() * x.element_size()
 
 
-def run_table(args) -> dict:
-    dtype = DTYPES[args.dtype]
-    methods, bytes_moved = make_methods(args.images, args.views, args.grid, args.width, dtype, args.device,
-                                        args.block)
-    times = time_interleaved(methods, args.device, args.rounds, args.inner)
-    fused = min((t, n) for n, t in times.items() if n.startswith("attentive_mask[") and "torch" not in n)
-    rows = []
-    for name, t in times.items():
-        rows.append({"method": name, "median_ms": t * 1e3, "GB_per_s": bytes_moved / t / 1e9,
-                     "time_vs_fused": t / fused[0]})
-    return {"environment": environment(args.device),
-            "shape": {"images": args.images, "views": args.views, "grid": [args.grid, args.grid],
-                      "width": args.width, "dtype": args.dtype, "block": args.block, "keep": 0.5,
-                      "boxes": True, "rows": args.images * args.views},
-            "rounds": args.rounds, "inner": args.inner, "bytes_moved": bytes_moved, "fused": fused[1],
-            "results": rows}
+def measure(shape: str, images: int, dtype: str, backward: bool, device: str, views: int = 2, block: int = 2,
+            rounds: int = 15, inner: int = 3) -> dict:
+    grid, width = SHAPES[shape]
+    methods, bytes_moved = make_methods(images, views, grid, width, DTYPES[dtype], device, block, backward=backward)
+    times = time_interleaved(methods, device, rounds, inner)
+    fused = min((t, name) for name, t in times.items() if name.startswith("attentive_mask[") and "[torch]" not in name)
+    baselines = {n: t for n, t in times.items() if not n.startswith("attentive_mask[") and n != FLOOR}
+    best_baseline = min(baselines.values())
+    rows = [{"method": name, "median_ms": t * 1e3, "GB_per_s": bytes_moved / t / 1e9,
+             "time_vs_fused": t / fused[0]} for name, t in times.items()]
+    return {"shape": shape, "images": images, "views": views, "rows": images * views, "grid": [grid, grid],
+            "width": width, "dtype": dtype, "block": block, "keep": 0.5, "boxes": True,
+            "pass": "fwd+bwd" if backward else "fwd", "bytes_moved": bytes_moved, "rounds": rounds, "inner": inner,
+            "fused": fused[1], "fused_vs_floor": fused[0] / times[FLOOR],
+            "fused_speedup_vs_best_baseline": best_baseline / fused[0],
+            "fused_speedup_vs_published": times["published A-CLIP pipeline"] / fused[0], "results": rows}
 
 
-def markdown(result: dict) -> str:
-    env, shape = result["environment"], result["shape"]
-    lines = [f"attentive_mask forward, {shape['images']} images x {shape['views']} views, grid "
-             f"{shape['grid'][0]}x{shape['grid'][1]}, D={shape['width']}, {shape['dtype']}, block {shape['block']}, "
-             f"boxes; {env['device']}, torch {env['torch']}, {env['date']} (median of {result['rounds']} "
-             "interleaved rounds)", "",
-             "| method | median ms | GB/s | time vs fused |", "|---|---:|---:|---:|"]
-    for row in result["results"]:
-        lines.append(f"| {row['method']} | {row['median_ms']:.3f} | {row['GB_per_s']:.1f} | {row['time_vs_fused']:.2f}x |")
-    return "\n".join(lines) + "\n"
+def markdown(results, env: dict) -> str:
+    lines = [f"Measured on {env['device']} ({env['threads']} threads), torch {env['torch']}, triton {env['triton']}, "
+             f"{env['date']}, commit {env['git_commit']}. Medians of interleaved rounds; 2 views per image, block 2, "
+             "keep 50%, boxes.", ""]
+    for r in results:
+        lines += [f"**{r['shape']}, {r['images']} images x {r['views']} views, {r['dtype']}, {r['pass']}** — fused "
+                  f"({r['fused']}) is {r['fused_speedup_vs_published']:.1f}x faster than the published pipeline, "
+                  f"{r['fused_speedup_vs_best_baseline']:.1f}x faster than the best baseline, and takes "
+                  f"{r['fused_vs_floor']:.2f}x the index_select floor.", "",
+                  "| method | median ms | GB/s | time vs fused |", "|---|---:|---:|---:|"]
+        lines += [f"| {row['method']} | {row['median_ms']:.3f} | {row['GB_per_s']:.1f} | {row['time_vs_fused']:.2f}x |"
+                  for row in r["results"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results, path: Path, env: dict) -> None:
+    """Op time vs batch, one panel per shape, one line per method (fp32 forward if present)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    chosen = [r for r in results if r["pass"] == "fwd" and r["dtype"] == results[0]["dtype"]]
+    shapes = list(dict.fromkeys(r["shape"] for r in chosen))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        runs = sorted((r for r in chosen if r["shape"] == shape), key=lambda r: r["images"])
+        for method in [row["method"] for row in runs[0]["results"]]:
+            ax.plot([r["images"] for r in runs],
+                    [next(row["median_ms"] for row in r["results"] if row["method"] == method) for r in runs],
+                    marker="o", label=method)
+        ax.set(title=f"{shape}, {runs[0]['dtype']}, forward", xlabel="images (x2 views)", ylabel="median ms",
+               xscale="log", yscale="log")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"attentive_mask vs baselines — {env['device']}, {env['date'][:10]}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    parser.add_argument("--shape", default="ViT-B/16@224", choices=sorted(SHAPES))
     parser.add_argument("--images", type=int, default=64)
-    parser.add_argument("--views", type=int, default=2)
-    parser.add_argument("--grid", type=int, default=14)
-    parser.add_argument("--width", type=int, default=768)
-    parser.add_argument("--block", type=int, default=2)
+    parser.add_argument("--backward", action="store_true", help="time forward+backward")
+    parser.add_argument("--sweep", action="store_true", help="all shapes x batch 64/256 x fp32/bf16 x fwd/fwd+bwd")
+    parser.add_argument("--batches", default="64,256", help="image batches of the sweep")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--inner", type=int, default=3)
-    parser.add_argument("--out", default=str(RESULTS), help="folder for the JSON and markdown")
-    parser.add_argument("--name", default=None, help="file stem (default: mask_<device>_<dtype>)")
+    parser.add_argument("--out", default=str(RESULTS), help="folder for the JSON, markdown and plot")
+    parser.add_argument("--name", default=None, help="file stem")
     args = parser.parse_args(argv)
-    result = run_table(args)
-    text = markdown(result)
-    print(text)
-    stem = args.name or f"mask_{args.device.split(':')[0]}_{args.dtype}_b{args.images}"
+    device_type = torch.device(args.device).type
+    if args.sweep:
+        grid = itertools.product(SHAPES, [int(b) for b in args.batches.split(",")], ["fp32", "bf16"], [False, True])
+        stem = args.name or f"mask_sweep_{device_type}"
+    else:
+        grid = [(args.shape, args.images, args.dtype, args.backward)]
+        stem = args.name or f"mask_{device_type}_{args.dtype}_b{args.images}{'_bwd' if args.backward else ''}"
+    results = []
+    for shape, images, dtype, backward in grid:
+        results.append(measure(shape, images, dtype, backward, args.device, rounds=args.rounds, inner=args.inner))
+        print(markdown(results[-1:], environment(args.device)).split("\n", 2)[2], flush=True)
+    env = environment(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(text)
+    (out / f"{stem}.json").write_text(json.dumps({"environment": env, "results": results}, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(markdown(results, env))
+    if args.sweep:
+        plot(results, out / f"{stem}.png", env)
     return 0
 
 
-# ---- pytest-benchmark suite --------------------------------------------------------------------
+# ---- pytest-benchmark suite (ViT-B/16, 16 images x 2 views, fp32, on the CPU) ------------------
 try:
     import pytest
-except ImportError:        # the table above needs no pytest
+except ImportError:        # the tables above need no pytest
     pytest = None
 
 if pytest is not None:
-    _METHOD_NAMES = ["attentive_mask[" + b + "]" for b in ak.available_backends("cpu")] + [
-        "published A-CLIP pipeline", "timm-style argsort+gather", "index_select floor"]
+    @pytest.fixture(scope="module", params=["fwd", "fwd+bwd"])
+    def cpu_methods(request):
+        return make_methods(images=16, backward=request.param == "fwd+bwd")[0], request.param
 
-    @pytest.fixture(scope="module")
-    def cpu_methods():
-        return make_methods(images=16)[0]
-
-    @pytest.mark.parametrize("method", _METHOD_NAMES)
-    def test_attentive_mask_forward(benchmark, cpu_methods, method):
-        benchmark.group = "attentive_mask forward, ViT-B/16, 16 images x 2 views, fp32, CPU"
-        benchmark(cpu_methods[method])
+    @pytest.mark.parametrize("method", [f"attentive_mask[{b}]" for b in ak.available_backends("cpu")] + [
+        "published A-CLIP pipeline", "timm-style argsort+gather", "open_clip PatchDropout (random)", FLOOR])
+    def test_attentive_mask(benchmark, cpu_methods, method):
+        methods, mode = cpu_methods
+        if method not in methods:
+            pytest.skip(f"{method} is not installed")
+        benchmark.group = f"attentive_mask {mode}, ViT-B/16, 16 images x 2 views, fp32, CPU"
+        benchmark(methods[method])
 
 
 if __name__ == "__main__":
