@@ -1,0 +1,13 @@
+"""The reference training loop: A-CLIP and its baselines (CLIP, FLIP, SLIP, A-CLIP-eff).
+
+Run it as ``python -m aclip_kernels.train --method aclip --data embedded ...`` (see ``__main__``),
+or under ``torchrun`` for DDP. Modules: ``embedded`` (the offline dataset), ``data`` (CSV,
+WebDataset, batching, data position), ``augment`` (three-crop), ``losses``, ``model``, ``optim``,
+``checkpoint``, ``loop`` (``train(TrainConfig)``), ``evaluate``, ``visualize``.
+
+Two defects of the published A-CLIP code are fixed here: the SimCLR term compared view 1 with
+itself (``losses``), and the union box's left edge was ``min(left1, height2)`` (``augment``).
+"""
+from .loop import CHECKPOINT, NonFiniteLoss, TrainConfig, train
+
+__all__ = ["TrainConfig", "train", "NonFiniteLoss", "CHECKPOINT"]

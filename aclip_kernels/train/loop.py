@@ -1,0 +1,329 @@
+"""The training loop: one function, ``train(cfg)``, for every method, one process or torchrun/DDP.
+
+Per optimiser step: ``cfg.accum`` micro-batches (the global batch split across ranks and
+micro-steps); for aclip*, the EMA image tower scores the EMA view and the EMA BYOL projector makes
+the targets (no gradient); the online forward runs under bf16 autocast on GPU; DDP averages the
+gradients (no sync on the non-final micro-steps); then a finiteness check on the global loss,
+AdamW, the lr schedule, the logit-scale clamp (open_clip's [0, ln 100]) and the EMA update with the
+cosine momentum (0.996 -> 1). A non-finite loss raises ``NonFiniteLoss`` before the optimiser
+touches anything, leaving the last checkpoint as the last good state. SIGTERM (or ``stop_after``)
+makes the loop write a checkpoint at the end of the current step and return.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from .augment import make_transform
+from .data import make_eval_set, make_train_loader
+from .distributed import all_reduce_mean, all_reduce_sum, barrier, init_distributed
+from .evaluate import evaluate
+from .model import METHODS, TrainModel, build_clip, image_size_of
+from .optim import make_optimizer, make_scheduler
+
+__all__ = ["TrainConfig", "NonFiniteLoss", "train", "CHECKPOINT"]
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a run (the CLI flags, see ``__main__.py``)."""
+    method: str = "aclip"
+    model: str = "ACLIP-Tiny"
+    data: str = "embedded"
+    val_data: Optional[str] = None          # default: the embedded val split when data == embedded
+    steps: int = 600
+    batch_size: int = 64                    # global, per optimiser step
+    accum: int = 1                          # micro-batches per optimiser step
+    lr: float = 5e-4
+    weight_decay: float = 0.5
+    betas: tuple = (0.9, 0.98)
+    warmup: Optional[int] = None            # default: 5% of steps
+    grad_clip: Optional[float] = None
+    image_size: Optional[int] = None        # default: the model config's
+    keep: float = 0.5
+    block: int = 2
+    ema_momentum: float = 0.996
+    ema_layers: str = "all"
+    ssl_dim: int = 256
+    ssl_hidden: int = 1024
+    seed: int = 0
+    output_dir: str = "runs/train"
+    resume: bool = False
+    ckpt_every: int = 200
+    stop_after: Optional[int] = None        # run at most this many steps in this process, then checkpoint
+    workers: int = 1                        # DataLoader worker processes (map-style data)
+    threads: int = 0                        # CPU intra-op threads; 0: cores - workers (at least 1)
+    device: str = "auto"
+    precision: str = "auto"                 # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    compile: bool = False
+    classes: int = 10                       # embedded set
+    samples_per_class: int = 200            # embedded train set
+    val_per_class: int = 20                 # embedded val set
+    embedded_size: Optional[int] = None     # embedded images' pixels (default: 2x the model's)
+    csv_img_key: str = "filepath"
+    csv_caption_key: str = "title"
+    val_limit: Optional[int] = 2000
+    log_every: int = 10
+    evaluate: bool = True
+    save_masks: bool = False
+    progress: bool = True
+    quiet: bool = False
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class _Stop:
+    """SIGTERM flag (installed on the main thread only)."""
+
+    def __init__(self):
+        self.flag, self.previous = False, None
+
+    def __enter__(self):
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.flag = True
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def _to(batch: Dict[str, Any], device) -> Dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _unwrap(model):
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def _log(cfg: TrainConfig, record: Dict[str, Any], rank: int) -> None:
+    if rank == 0:
+        with open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def train(cfg: TrainConfig) -> Dict[str, Any]:
+    """Run (or resume) a training run. Returns {"status": "done" | "stopped", "step", "losses"
+    (this process's per-step global losses, in step order), "metrics", "mean_step_time",
+    "skipped", "checkpoint"}. Raises NonFiniteLoss on a NaN/inf loss."""
+    if cfg.method not in METHODS:
+        raise ValueError(f"--method {cfg.method!r} must be one of {METHODS}")
+    info = init_distributed(cfg.device)
+    rank, world, device = info.rank, info.world_size, info.device
+    if cfg.batch_size % (cfg.accum * world):
+        raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by accum ({cfg.accum}) x "
+                         f"world size ({world})")
+    micro = cfg.batch_size // cfg.accum
+    threads_before = torch.get_num_threads()
+    if device.type == "cpu":
+        # small CPU ops pay a parallel-region barrier per thread: leave a core to the data worker
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        torch.set_num_threads(cfg.threads or max(1, (cores or 1) // world - cfg.workers))
+    try:
+        return _train(cfg, info, micro)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train(cfg: TrainConfig, info, micro: int) -> Dict[str, Any]:
+    from aclip_kernels import integrations as ak
+    rank, world, device = info.rank, info.world_size, info.device
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    path = os.path.join(cfg.output_dir, CHECKPOINT)
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    aclip = cfg.method in ("aclip", "aclip-eff")
+
+    # ---- model, EMA, scorer (same seed on every rank: identical initial weights)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    clip, tokenizer = build_clip(cfg.model, cfg.image_size)
+    size = image_size_of(clip)
+    model = TrainModel(clip, cfg.method, cfg.ssl_dim, cfg.ssl_hidden, cfg.keep, cfg.block)
+    ema = scorer = None
+    if aclip:
+        ema = ak.make_ema(model.ema_source())          # before patching: the EMA keeps every token
+        scorer = ak.EMAScorer(ema.visual, layers=cfg.ema_layers,
+                              resolution=size // 2 if cfg.method == "aclip-eff" else None)
+    if cfg.method in ("flip", "aclip", "aclip-eff"):
+        ak.patch_open_clip(clip)
+    model.to(device)
+    if ema is not None:
+        ema.to(device)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, tuple(cfg.betas))
+    warmup = cfg.warmup if cfg.warmup is not None else max(1, cfg.steps // 20)
+    scheduler = make_scheduler(optimizer, warmup, cfg.steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)   # bf16 needs no loss scaling
+
+    # ---- resume
+    step, data_pos, skipped_total = 0, 0, 0
+    if cfg.resume and os.path.exists(path):
+        state = ckpt.load(path)
+        model.load_state_dict(state["model"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        step, data_pos, skipped_total = state["step"], state["data_position"], state["skipped"]
+        rngs = state["rng"]
+        ckpt.set_rng_state(rngs[rank] if len(rngs) == world else rngs[0])
+        if not cfg.quiet and rank == 0:
+            print(f"resumed from {path} at step {step}", file=sys.stderr)
+    elif cfg.resume and not cfg.quiet and rank == 0:
+        print(f"--resume: no checkpoint at {path}, starting fresh", file=sys.stderr)
+
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net)
+
+    source_kwargs = dict(image_size=cfg.embedded_size or 2 * size, num_classes=cfg.classes,
+                         samples_per_class=cfg.samples_per_class, csv_img_key=cfg.csv_img_key,
+                         csv_caption_key=cfg.csv_caption_key)
+    loader = make_train_loader(cfg.data, make_transform(cfg.method, size), tokenizer,
+                               micro_batch=micro, rank=rank, world=world, seed=cfg.seed,
+                               start=data_pos, workers=cfg.workers, source_kwargs=source_kwargs)
+    batches = iter(loader)
+
+    def save(reason: str) -> None:
+        rngs = ckpt.rng_state()
+        if world > 1:
+            gathered = [None] * world
+            torch.distributed.all_gather_object(gathered, rngs)
+            rngs = gathered
+        else:
+            rngs = [rngs]
+        if rank == 0:
+            ckpt.save_atomic({
+                "model": model.state_dict(), "ema": None if ema is None else ema.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "step": step, "data_position": data_pos,
+                "skipped": skipped_total, "rng": rngs, "config": asdict(cfg), "reason": reason}, path)
+        barrier()
+
+    losses: List[float] = []
+    step_times: List[float] = []
+    status, steps_here, last_ckpt_step = "done", 0, step
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext())
+    bar = None
+    if cfg.progress and rank == 0:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.steps, initial=step, desc=f"{cfg.method}", dynamic_ncols=True,
+                   file=sys.stderr, mininterval=1.0)
+    with _Stop() as stop:
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            model.train()
+            terms: Dict[str, float] = {}
+            skipped = 0
+            for m in range(cfg.accum):
+                batch = _to(next(batches), device)
+                data_pos += 1
+                skipped += batch.pop("skipped")
+                scores = target = None
+                if aclip:
+                    with torch.no_grad(), autocast:
+                        ema_feats, scores = scorer.forward_with_output(batch["ema"])
+                        target = ema.projector(ema_feats).float()
+                    scores = scores.float()
+                sync = m == cfg.accum - 1 or world == 1
+                ctx = contextlib.nullcontext() if sync or not hasattr(net, "no_sync") else net.no_sync()
+                with ctx:
+                    with autocast:
+                        out = net(batch, scores, target)
+                    (out["loss"] / cfg.accum).backward()
+                for k, v in out.items():
+                    terms[k] = terms.get(k, 0.0) + float(v.detach()) / cfg.accum
+            keys = sorted(terms)
+            reduced = all_reduce_mean(torch.tensor([terms[k] for k in keys], dtype=torch.float64))
+            terms = dict(zip(keys, reduced.tolist()))
+            skipped_total += int(all_reduce_sum(torch.tensor(skipped)).item())
+            loss = terms["loss"]
+            if not math.isfinite(loss):
+                if bar is not None:
+                    bar.close()
+                where = (f"the last good checkpoint is {path} (step {last_ckpt_step})"
+                         if os.path.exists(path) else "no checkpoint was written yet")
+                raise NonFiniteLoss(f"non-finite loss {loss} at step {step + 1} ({cfg.method}, terms "
+                                    f"{ {k: v for k, v in terms.items()} }); stopped before the "
+                                    f"optimiser step; {where}")
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            with torch.no_grad():
+                clip.logit_scale.clamp_(0, math.log(100))
+            momentum = None
+            if aclip:
+                momentum = ak.cosine_momentum(step, cfg.steps, cfg.ema_momentum)
+                ak.ema_update_(ema, model.ema_source(), momentum)
+            step += 1
+            steps_here += 1
+            losses.append(loss)
+            dt = time.perf_counter() - t0
+            step_times.append(dt)
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", refresh=False)
+                bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps or step == 1:
+                rec = {"step": step, "lr": lr, "step_time": dt, "samples_per_s": cfg.batch_size / dt,
+                       "skipped": skipped_total, "logit_scale": float(clip.logit_scale.detach().exp())}
+                rec.update(terms)
+                if momentum is not None:
+                    rec["ema_momentum"] = momentum
+                _log(cfg, rec, rank)
+            # all ranks must agree to stop: reduce the SIGTERM flag
+            stopping = bool(all_reduce_sum(torch.tensor(int(stop.flag))).item())
+            if stopping or (cfg.stop_after is not None and steps_here >= cfg.stop_after):
+                status = "stopped"
+                break
+            if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
+                save("periodic")
+                last_ckpt_step = step
+    if bar is not None:
+        bar.close()
+    save("sigterm" if status == "stopped" and stop.flag else "end" if status == "done" else "stop_after")
+
+    timed = step_times[1:] or step_times
+    result = {"status": status, "step": step, "losses": losses, "checkpoint": path,
+              "mean_step_time": float(np.mean(timed)) if timed else float("nan"),
+              "skipped": skipped_total, "metrics": {}}
+    if status == "done" and rank == 0:
+        if cfg.evaluate:
+            val = cfg.val_data or (cfg.data if cfg.data == "embedded" else None)
+            if val is not None:
+                evalset = make_eval_set(val, size, cfg.val_limit, dict(
+                    source_kwargs, samples_per_class=cfg.val_per_class))
+                result["metrics"] = evaluate(clip, tokenizer, evalset, device)
+        if cfg.save_masks:
+            from .visualize import save_mask_png
+            result["mask_png"], result["metrics"]["object_patches_kept"] = save_mask_png(
+                os.path.join(cfg.output_dir, "masks.png"), cfg, model, scorer, size, source_kwargs, device)
+        _log(cfg, {"final": True, "step": step, "mean_step_time": result["mean_step_time"],
+                   "skipped": skipped_total, **result["metrics"]}, rank)
+    barrier()
+    return result

@@ -1,0 +1,108 @@
+"""Reference training loop: every method runs, resume is exact, checkpoints are atomic, a
+non-finite loss stops cleanly, SIGTERM checkpoints. Tiny config (ACLIP-Test, 16 px, batch 8)."""
+import math
+import os
+import signal
+
+import pytest
+import torch
+
+from aclip_kernels.train import CHECKPOINT, NonFiniteLoss, TrainConfig, train
+from aclip_kernels.train import checkpoint as ckpt
+from aclip_kernels.train import losses
+from aclip_kernels.train.__main__ import parse_args, summary
+
+
+def tiny(tmp_path, **kw):
+    base = dict(method="aclip", model="ACLIP-Test", steps=4, batch_size=8, classes=4, samples_per_class=8,
+                val_per_class=2, workers=0, threads=1, evaluate=False, progress=False, quiet=True,
+                ckpt_every=0, ssl_dim=16, ssl_hidden=32, log_every=1, output_dir=str(tmp_path))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("method", ["clip", "flip", "aclip", "aclip-eff", "slip"])
+def test_each_method_runs_two_steps(tmp_path, method):
+    r = train(tiny(tmp_path, method=method, steps=2, evaluate=method == "aclip",
+                   save_masks=method in ("aclip", "flip")))
+    assert r["status"] == "done" and r["step"] == 2 and len(r["losses"]) == 2
+    assert all(math.isfinite(x) for x in r["losses"])
+    assert os.path.exists(os.path.join(tmp_path, CHECKPOINT))
+    assert os.path.exists(os.path.join(tmp_path, "metrics.jsonl"))
+    if method == "aclip":
+        m = r["metrics"]
+        assert m["zeroshot_chance"] == 0.25 and 0 <= m["zeroshot_top1"] <= 1 and "i2t_r@5" in m
+        assert os.path.getsize(r["mask_png"]) > 1000
+        assert 0 <= m["object_patches_kept"] <= 1
+        assert "zero-shot top-1" in summary(tiny(tmp_path), r, 1.0)
+
+
+def test_resume_continues_the_same_trajectory(tmp_path):
+    full = train(tiny(tmp_path / "full", method="aclip", steps=4, workers=0))
+    part = train(tiny(tmp_path / "part", method="aclip", steps=4, stop_after=2))
+    assert part["status"] == "stopped" and part["step"] == 2
+    assert part["losses"] == full["losses"][:2]
+    rest = train(tiny(tmp_path / "part", method="aclip", steps=4, resume=True))
+    assert rest["step"] == 4
+    assert rest["losses"] == full["losses"][2:]               # bit-identical continuation
+
+
+def test_resume_flip_restores_rng(tmp_path):
+    full = train(tiny(tmp_path / "full", method="flip", steps=3))
+    train(tiny(tmp_path / "part", method="flip", steps=3, stop_after=1))
+    rest = train(tiny(tmp_path / "part", method="flip", steps=3, resume=True))
+    assert rest["losses"] == full["losses"][1:]
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = str(tmp_path / "c.pt")
+    ckpt.save_atomic({"step": 1}, path)
+
+    def broken_save(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        ckpt.save_atomic({"step": 2}, path)
+    monkeypatch.undo()
+    assert ckpt.load(path)["step"] == 1
+    assert os.listdir(tmp_path) == ["c.pt"]                    # no temp file left behind
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real, calls = losses.clip_loss, []
+
+    def poisoned(*a):
+        calls.append(1)
+        out = real(*a)
+        return out * float("nan") if len(calls) > 3 else out   # steps 1-3 fine (clip: 1 call each)
+    monkeypatch.setattr(losses, "clip_loss", poisoned)
+    cfg = tiny(tmp_path, method="clip", steps=6, ckpt_every=2)
+    with pytest.raises(NonFiniteLoss, match=r"non-finite loss nan at step 4.*step 2\)"):
+        train(cfg)
+    state = ckpt.load(os.path.join(tmp_path, CHECKPOINT))
+    assert state["step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_sigterm_writes_a_checkpoint_and_stops(tmp_path, monkeypatch):
+    real, calls = losses.clip_loss, []
+
+    def signalling(*a):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a)
+    monkeypatch.setattr(losses, "clip_loss", signalling)
+    r = train(tiny(tmp_path, method="clip", steps=10))
+    assert r["status"] == "stopped" and r["step"] == 2
+    state = ckpt.load(os.path.join(tmp_path, CHECKPOINT))
+    assert state["step"] == 2 and state["reason"] == "sigterm" and state["data_position"] == 2
+    assert signal.getsignal(signal.SIGTERM) is not None
+
+
+def test_cli_parses_the_flags():
+    cfg = parse_args(["--method", "aclip-eff", "--model", "ViT-B-16", "--data", "x.csv", "--steps", "7",
+                      "--batch-size", "16", "--output-dir", "d", "--resume", "--save-masks"])
+    assert (cfg.method, cfg.model, cfg.data, cfg.steps, cfg.batch_size, cfg.resume, cfg.save_masks) == \
+        ("aclip-eff", "ViT-B-16", "x.csv", 7, 16, True, True)
