@@ -106,3 +106,32 @@ def test_cli_parses_the_flags():
                       "--batch-size", "16", "--output-dir", "d", "--resume", "--save-masks"])
     assert (cfg.method, cfg.model, cfg.data, cfg.steps, cfg.batch_size, cfg.resume, cfg.save_masks) == \
         ("aclip-eff", "ViT-B-16", "x.csv", 7, 16, True, True)
+
+
+def test_user_data_csv_and_webdataset_train_and_evaluate(tmp_path):
+    import io
+    import tarfile
+    from PIL import Image
+    from aclip_kernels.train.embedded import EmbeddedDataset
+    ds = EmbeddedDataset("train", image_size=20, num_classes=3, samples_per_class=4)
+    lines = ["filepath\ttitle"]
+    with tarfile.open(tmp_path / "shard-000.tar", "w") as tar:
+        for i in range(len(ds)):
+            img, cap, _ = ds[i]
+            Image.fromarray(img).save(tmp_path / f"{i}.png")
+            lines.append(f"{i}.png\t{cap}")
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, format="PNG")
+            for ext, data in (("png", buf.getvalue()), ("txt", cap.encode())):
+                info = tarfile.TarInfo(f"{i:04d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    lines.append("missing.png\ta missing image")
+    (tmp_path / "data.csv").write_text("\n".join(lines) + "\n")
+    csv_run = train(tiny(tmp_path / "csv", method="clip", steps=2, data=str(tmp_path / "data.csv"),
+                         val_data=str(tmp_path / "data.csv"), evaluate=True))
+    assert csv_run["metrics"]["val_samples"] == 12 and "t2i_r@1" in csv_run["metrics"]
+    assert "zeroshot_top1" not in csv_run["metrics"]           # no class labels in a CSV
+    wds_run = train(tiny(tmp_path / "wds", method="aclip", steps=2, data=str(tmp_path / "shard-000.tar"),
+                         val_data=str(tmp_path / "shard-000.tar"), evaluate=True))
+    assert all(math.isfinite(x) for x in wds_run["losses"]) and wds_run["metrics"]["val_samples"] == 12

@@ -19,7 +19,8 @@ WebDataset: shards (a list, a brace pattern "data-{000..099}.tar", or a director
 (jpg/jpeg/png/webp) and a caption (txt) per sample. With at least as many shards as ranks, rank r
 reads shards r, r + world, ... (shard order reshuffled per epoch); with fewer, every rank reads all
 shards and takes every world-th sample. The data position is the number of micro-batches consumed;
-resume skips that many of the rank's samples.
+resume skips that many of the rank's samples. Shards are read in the main process (no DataLoader
+workers), one decoder per rank.
 """
 from __future__ import annotations
 

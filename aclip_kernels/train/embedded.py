@@ -96,6 +96,8 @@ class EmbeddedDataset:
         per_class = samples_per_class or (200 if split == "train" else 20)
         self.length = num_classes * per_class
         self.object_scale = tuple(object_scale)
+        self._cache = {}                      # rendered images (a few MB for the default sizes)
+        self._cache_limit = 256 * 2 ** 20 // (3 * self.image_size ** 2)
 
     def __len__(self) -> int:
         return self.length
@@ -126,13 +128,24 @@ class EmbeddedDataset:
         return self.classnames[self.label(index)]
 
     def image(self, index: int) -> np.ndarray:
-        """uint8 [S, S, 3]."""
+        """uint8 [S, S, 3] (rendered once, then cached up to 256 MB per process)."""
+        cached = self._cache.get(index)
+        if cached is not None:
+            return cached
+        image = self._render(index)
+        if len(self._cache) < self._cache_limit:
+            self._cache[index] = image
+        return image
+
+    def _render(self, index: int) -> np.ndarray:
         bg, (top, left, side), (oy, ox, obj) = self._layout(index)
         size = self.image_size
         canvas = Image.fromarray(bg[top:top + side, left:left + side]).resize((size, size), Image.BILINEAR)
         emoji = _emoji_rgba(self.classes[self.label(index)][1]).resize((obj, obj), Image.LANCZOS)
         canvas.paste(emoji, (ox, oy), emoji)
-        return np.asarray(canvas, dtype=np.uint8)
+        image = np.asarray(canvas, dtype=np.uint8)
+        image.flags.writeable = False
+        return image
 
     def __getitem__(self, index: int):
         return self.image(index), self.caption(index), self.label(index)

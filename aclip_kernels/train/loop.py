@@ -44,7 +44,7 @@ class TrainConfig:
     model: str = "ACLIP-Tiny"
     data: str = "embedded"
     val_data: Optional[str] = None          # default: the embedded val split when data == embedded
-    steps: int = 600
+    steps: int = 400
     batch_size: int = 64                    # global, per optimiser step
     accum: int = 1                          # micro-batches per optimiser step
     lr: float = 5e-4
@@ -287,7 +287,10 @@ def _train(cfg: TrainConfig, info, micro: int) -> Dict[str, Any]:
             dt = time.perf_counter() - t0
             step_times.append(dt)
             if bar is not None:
-                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", refresh=False)
+                post = dict(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
+                if skipped_total:
+                    post["skipped"] = skipped_total
+                bar.set_postfix(post, refresh=False)
                 bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps or step == 1:
                 rec = {"step": step, "lr": lr, "step_time": dt, "samples_per_s": cfg.batch_size / dt,
