@@ -45,6 +45,8 @@ def test_resume_continues_the_same_trajectory(tmp_path):
     rest = train(tiny(tmp_path / "part", method="aclip", steps=4, resume=True))
     assert rest["step"] == 4
     assert rest["losses"] == full["losses"][2:]               # bit-identical continuation
+    with pytest.raises(ValueError, match="method='aclip'"):
+        train(tiny(tmp_path / "part", method="clip", steps=4, resume=True))
 
 
 def test_resume_flip_restores_rng(tmp_path):

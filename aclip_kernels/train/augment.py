@@ -199,12 +199,13 @@ class SlipViews:
 
 
 def make_transform(method: str, size: int):
-    """The training transform of a method (the EMA view of aclip-eff keeps full size; the EMA
-    scorer runs it at half resolution)."""
+    """The training transform of a method; aclip-eff's EMA view is made at half resolution."""
     if method in ("clip", "flip"):
         return SingleView(size)
-    if method in ("aclip", "aclip-eff"):
+    if method == "aclip":
         return ThreeCrop(size)
+    if method == "aclip-eff":
+        return ThreeCrop(size, ema_size=size // 2)
     if method == "slip":
         return SlipViews(size)
     raise ValueError(f"unknown method {method!r}")

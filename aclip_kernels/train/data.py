@@ -308,18 +308,20 @@ def make_source(data: str, split: str = "train", image_size: int = 32, num_class
 
 
 def make_train_loader(data, transform, tokenizer, *, micro_batch: int, rank: int, world: int,
-                      seed: int, start: int, workers: int = 0, source_kwargs=None) -> DataLoader:
+                      seed: int, start: int, workers: int = 0, source_kwargs=None,
+                      pin_memory: bool = False) -> DataLoader:
     """A DataLoader of this rank's micro-batches ([micro_batch / world] rows each), starting at
     global micro-batch ``start``. ``data``: "embedded", a CSV path or WebDataset shards."""
     if is_webdataset(data):
         stream = WebDatasetStream(data, transform, tokenizer, seed, rank, world,
                                   skip=start * (micro_batch // world))
-        return DataLoader(stream, batch_size=micro_batch // world, collate_fn=collate, num_workers=0)
+        return DataLoader(stream, batch_size=micro_batch // world, collate_fn=collate, num_workers=0,
+                          pin_memory=pin_memory)
     source = make_source(data, "train", seed=seed, **(source_kwargs or {}))
     sampler = MicroBatchSampler(len(source), micro_batch, rank, world, seed, start)
     return DataLoader(TrainSet(source, transform, tokenizer, seed), batch_sampler=sampler,
                       collate_fn=collate, num_workers=workers, generator=torch.Generator(),
-                      persistent_workers=False)
+                      pin_memory=pin_memory)
 
 
 class EvalSet(Dataset):

@@ -178,6 +178,11 @@ def _train(cfg: TrainConfig, info, micro: int) -> Dict[str, Any]:
     step, data_pos, skipped_total = 0, 0, 0
     if cfg.resume and os.path.exists(path):
         state = ckpt.load(path)
+        saved = state.get("config", {})
+        for key in ("method", "model", "data", "batch_size", "accum", "seed", "image_size"):
+            if key in saved and saved[key] != getattr(cfg, key):
+                raise ValueError(f"--resume: the checkpoint {path} was written with {key}={saved[key]!r}, "
+                                 f"this run has {getattr(cfg, key)!r}")
         model.load_state_dict(state["model"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
@@ -204,7 +209,8 @@ def _train(cfg: TrainConfig, info, micro: int) -> Dict[str, Any]:
                          csv_caption_key=cfg.csv_caption_key)
     loader = make_train_loader(cfg.data, make_transform(cfg.method, size), tokenizer,
                                micro_batch=micro, rank=rank, world=world, seed=cfg.seed,
-                               start=data_pos, workers=cfg.workers, source_kwargs=source_kwargs)
+                               start=data_pos, workers=cfg.workers, source_kwargs=source_kwargs,
+                               pin_memory=device.type == "cuda")
     batches = iter(loader)
 
     def save(reason: str) -> None:

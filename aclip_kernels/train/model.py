@@ -79,8 +79,7 @@ class TrainModel(nn.Module):
             raise ValueError(f"method={method!r} must be one of {METHODS}")
         self.method, self.keep, self.block, self.simclr_tau = method, keep, block, simclr_tau
         self.clip = clip
-        embed = clip.text_projection.shape[1] if isinstance(clip.text_projection, Tensor) else \
-            clip.text_projection.out_features
+        embed = clip.visual.output_dim                               # the joint embedding size E
         if method in ("slip", "aclip", "aclip-eff"):
             self.simclr_head = MLPHead(embed, ssl_hidden, ssl_dim)
         if method in ("aclip", "aclip-eff"):

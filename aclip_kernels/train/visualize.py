@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-from .augment import MEAN, STD, ThreeCrop, SingleView, to_tensor
+from .augment import MEAN, STD, SingleView, make_transform, to_tensor
 from .data import make_source, sample_seed
 
 __all__ = ["save_mask_png", "object_fraction_kept"]
@@ -72,7 +72,7 @@ def save_mask_png(path: str, cfg, model, scorer, size: int, source_kwargs, devic
     patch = clip.visual.patch_size
     grid = (size // (patch[0] if isinstance(patch, tuple) else patch),) * 2
     aclip = cfg.method in ("aclip", "aclip-eff")
-    transform = ThreeCrop(size) if aclip else SingleView(size)
+    transform = make_transform(cfg.method, size) if aclip else SingleView(size)
     n = min(len(source), max(rows, measure))
     samples = [transform(to_tensor(source.load(i)[0]), torch.Generator().manual_seed(sample_seed(cfg.seed, 99, i)))
                for i in range(n)]
