@@ -9,12 +9,15 @@
 
 #ifdef __CUDACC__
 #define ACLIP_HD __host__ __device__ __forceinline__
+#else
+#define ACLIP_HD inline
+#endif
+#ifdef __CUDA_ARCH__  // the _rn intrinsics exist in device code only
 #define ACLIP_MUL(a, b) __fmul_rn((a), (b))
 #define ACLIP_ADD(a, b) __fadd_rn((a), (b))
 #define ACLIP_SUB(a, b) __fsub_rn((a), (b))
 #define ACLIP_DIV(a, b) __fdiv_rn((a), (b))
 #else
-#define ACLIP_HD inline
 #define ACLIP_MUL(a, b) ((a) * (b))
 #define ACLIP_ADD(a, b) ((a) + (b))
 #define ACLIP_SUB(a, b) ((a) - (b))
@@ -66,7 +69,7 @@ ACLIP_HD bool ranks_before(float sa, int a, float sb, int b) {
 // the low 32 bits hold the inverted index so that the lower index wins a tie.
 ACLIP_HD uint64_t rank_key(float s, int index) {
   uint32_t bits;
-#ifdef __CUDACC__
+#ifdef __CUDA_ARCH__
   bits = __float_as_uint(s);
 #else
   static_assert(sizeof(float) == sizeof(uint32_t), "float is 32-bit");
