@@ -77,6 +77,13 @@ def layout_cases(device):
     cases.append(("rect-32x64-b4-boxes", dict(x=randn(2, 2 + 2048, 8), scores=scores(2, 10, 20), keep=0.6,
                                               num_prefix_tokens=2, grid=(32, 64), block=4,
                                               boxes=random_boxes(2, g).to(device))))
+    cases.append(("vitl14-336-ties-sorted", dict(x=randn(2, 1 + 576, 16),
+                                                 scores=torch.randint(0, 3, (2, 24, 24), generator=g).float().to(device),
+                                                 keep=0.5)))
+    nan_scores = scores(2, 24, 24)
+    nan_scores[torch.rand(2, 24, 24, generator=g).to(device) < 0.3] = float("nan")
+    cases.append(("vitl14-336-nan-sorted", dict(x=randn(2, 1 + 576, 16), scores=nan_scores, keep=0.8)))
+    cases.append(("vitl14-336-keep-all", dict(x=randn(2, 1 + 576, 16), scores=scores(2, 24, 24), keep=1.0)))
     cases.append(("one-patch", dict(x=randn(2, 2, 4), scores=scores(2, 1, 1), keep=1)))
     cases.append(("p0-all-tied", dict(x=randn(2, 64, 4), scores=torch.zeros(2, 8, 8, device=device), keep=17,
                                       num_prefix_tokens=0)))

@@ -1,10 +1,10 @@
-// attentive_mask on CUDA. Forward: one thread block per output row (view); large batches of rows
-// run as is, small ones split each row's copy over `splits` blocks that each redo the (cheap)
-// selection. A block scores its units into shared memory (box alignment and block means with the
-// float32 order of mask_math.h), sorts their rank keys with a block-wide bitonic sort, marks the n
-// best units, turns them into ascending patch positions with a block-wide scan, and copies the
-// prefix and kept rows with one warp per row. Backward: each row of grad_x is written once, from
-// grad_kept or as zeros.
+// attentive_mask on CUDA. Forward: one thread block per output row (view); small batches split each
+// row's copy over several blocks that each redo the (cheap) selection. A block scores its units
+// into shared memory (box alignment and block means in the float32 order of mask_math.h), finds
+// the n best by their rank keys (counting the keys above each unit on small grids, a block-wide
+// bitonic sort on large ones), turns them into ascending patch positions with a block-wide scan,
+// and copies the prefix and kept rows, one warp per row. Backward: each row of grad_x is written
+// once, from grad_kept or as zeros.
 #include <algorithm>
 
 #include "../mask_math.h"
@@ -15,6 +15,7 @@ namespace aclip::cuda {
 namespace {
 
 constexpr int kThreads = 512;
+constexpr int kCountedUnits = 256;
 
 struct MaskLaunch {
   MaskArgs a;
@@ -62,32 +63,44 @@ __global__ void __launch_bounds__(kThreads, 2) attentive_mask_kernel(MaskLaunch 
           if (i || j) total = ACLIP_ADD(total, cell(row + i, col + j));
       if (b > 1) total = ACLIP_DIV(total, static_cast<float>(b * b));
       key = rank_key(total, u);
-      unit_kept[u] = 0;
+      if (U > kCountedUnits) unit_kept[u] = 0;
     }
     keys[u] = key;
   }
   __syncthreads();
 
-  // 2. Bitonic sort, descending; every thread handles pairs (i, i | j) with bit j of i clear.
-  if (a.num_units < U) {
-    for (int k = 2; k <= L; k <<= 1) {
-      for (int j = k >> 1; j > 0; j >>= 1) {
-        for (int t = tid; t < L / 2; t += kThreads) {
-          const int i = ((t & ~(j - 1)) << 1) | (t & (j - 1));
-          const int p = i | j;
-          const uint64_t ki = keys[i], kp = keys[p];
-          if ((i & k) == 0 ? ki < kp : ki > kp) {
-            keys[i] = kp;
-            keys[p] = ki;
+  // 2. The n best units. Up to kCountedUnits units, each thread counts the keys above its unit's
+  //    (no barriers; a ViT-B grid takes ~200 steps). Beyond, a bitonic sort, descending; every
+  //    thread handles pairs (i, i | j) with bit j of i clear.
+  if (U <= kCountedUnits) {
+    for (int u = tid; u < U; u += kThreads) {
+      const uint64_t key = keys[u];
+      int above = 0;
+      for (int v = 0; v < U; ++v) above += keys[v] > key;
+      unit_kept[u] = above < a.num_units;
+    }
+    __syncthreads();
+  } else {
+    if (a.num_units < U) {
+      for (int k = 2; k <= L; k <<= 1) {
+        for (int j = k >> 1; j > 0; j >>= 1) {
+          for (int t = tid; t < L / 2; t += kThreads) {
+            const int i = ((t & ~(j - 1)) << 1) | (t & (j - 1));
+            const int p = i | j;
+            const uint64_t ki = keys[i], kp = keys[p];
+            if ((i & k) == 0 ? ki < kp : ki > kp) {
+              keys[i] = kp;
+              keys[p] = ki;
+            }
           }
+          __syncthreads();
         }
-        __syncthreads();
       }
     }
+    // Unsorted (all kept) or sorted, the first num_units keys are the kept units.
+    for (int i = tid; i < a.num_units; i += kThreads) unit_kept[~static_cast<uint32_t>(keys[i])] = 1;
+    __syncthreads();
   }
-  // Unsorted (all kept) or sorted, the first num_units keys are the kept units.
-  for (int i = tid; i < a.num_units; i += kThreads) unit_kept[~static_cast<uint32_t>(keys[i])] = 1;
-  __syncthreads();
 
   // 3. Ascending positions of the kept patches: each thread scans a contiguous chunk of patches.
   const int chunk = static_cast<int>((N + kThreads - 1) / kThreads);

@@ -1,7 +1,8 @@
 // The CUDA implementations of the aclip_kernels ops: argument checks (host-side, so that bad input
 // raises instead of tripping a device-side assert), allocation, device guard and current stream,
 // then the launchers of cls_attention.cu and attentive_mask.cu.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
