@@ -232,7 +232,10 @@ def _train(cfg: TrainConfig, info, micro: int) -> Dict[str, Any]:
     losses: List[float] = []
     step_times: List[float] = []
     status, steps_here, last_ckpt_step = "done", 0, step
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext())
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
     bar = None
     if cfg.progress and rank == 0:
         from tqdm import tqdm
@@ -250,14 +253,14 @@ def _train(cfg: TrainConfig, info, micro: int) -> Dict[str, Any]:
                 skipped += batch.pop("skipped")
                 scores = target = None
                 if aclip:
-                    with torch.no_grad(), autocast:
+                    with torch.no_grad(), autocast():
                         ema_feats, scores = scorer.forward_with_output(batch["ema"])
                         target = ema.projector(ema_feats).float()
                     scores = scores.float()
                 sync = m == cfg.accum - 1 or world == 1
                 ctx = contextlib.nullcontext() if sync or not hasattr(net, "no_sync") else net.no_sync()
                 with ctx:
-                    with autocast:
+                    with autocast():
                         out = net(batch, scores, target)
                     (out["loss"] / cfg.accum).backward()
                 for k, v in out.items():
