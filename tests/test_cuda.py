@@ -25,6 +25,8 @@ def _nvcc():
 
 
 @pytest.mark.skipif(not (torch.version.cuda and _nvcc()), reason="needs a CUDA build of torch and nvcc")
+@pytest.mark.skipif(os.environ.get("ACLIP_KERNELS_CUDA", "AUTO").upper() in ("OFF", "0", "FALSE", "NO"),
+                    reason="ACLIP_KERNELS_CUDA turns the CUDA build off")
 def test_cuda_kernels_were_built():
     info = BUILD_INFO
     assert info is not None, LOAD_ERROR
