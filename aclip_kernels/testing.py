@@ -61,11 +61,12 @@ def make_mask_inputs(case: MaskCase, device="cpu", seed: int = 0) -> dict:
     bs, bx = case.images, case.images * case.views
     n = case.grid[0] * case.grid[1]
     t = case.prefix + n
-    if case.strided:   # every other row of a wider tensor, and a slice of its width
-        x = torch.randn(2 * bx, t, case.width + 8, generator=g)[::2, :, 4:4 + case.width]
+    if case.strided:   # every other row of a wider tensor (made on the device), and a slice of its width
+        wide = torch.randn(2 * bx, t, case.width + 8, generator=g).to(device=device, dtype=case.dtype)
+        x = wide[::2, :, 4:4 + case.width]
     else:
-        x = torch.randn(bx, t, case.width, generator=g)
-    kwargs = dict(x=x.to(case.dtype), keep=case.keep, num_prefix_tokens=case.prefix,
+        x = torch.randn(bx, t, case.width, generator=g).to(device=device, dtype=case.dtype)
+    kwargs = dict(x=x, keep=case.keep, num_prefix_tokens=case.prefix,
                   grid=case.grid, block=case.block)
     if case.scores in ("qk", "qk_prior"):
         dh = 16
@@ -87,7 +88,7 @@ def make_mask_inputs(case: MaskCase, device="cpu", seed: int = 0) -> dict:
         kwargs["scores"] = scores
     if case.boxes:
         kwargs["boxes"] = random_boxes(bx, g)
-    return {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in kwargs.items()}
+    return {k: (v.to(device) if isinstance(v, Tensor) and k != "x" else v) for k, v in kwargs.items()}
 
 
 def mask_cases(quick: bool = False) -> List[MaskCase]:
