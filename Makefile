@@ -26,7 +26,7 @@ $(VENV)/.built: $(VENV)/.deps pyproject.toml CMakeLists.txt $(shell find csrc -t
 install: $(VENV)/.built
 
 demo: install
-	$(PY) -m aclip_kernels.demo
+	$(PY) -m aclip_kernels.train --method aclip --data embedded --output-dir runs/demo --save-masks
 
 test: install
 	$(PY) -m pytest -q
