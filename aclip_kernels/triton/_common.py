@@ -1,0 +1,100 @@
+"""Shared pieces of the Triton kernels: interpreter detection, autotuning, exact float32 arithmetic
+and the torch.library registration shim."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+# triton.jit reads TRITON_INTERPRET when a kernel is defined, so this is fixed at import as well.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+try:  # torch >= 2.6
+    from torch.library import triton_op, wrap_triton
+except ImportError:  # pragma: no cover - older torch: a plain custom op around direct launches
+    triton_op = None
+
+    def wrap_triton(kernel):
+        return kernel
+
+
+def register_op(name: str, schema: str):
+    """``torch.library.triton_op`` with an explicit schema (the csrc/ops.cpp one), or a custom op."""
+    def dec(fn):
+        if triton_op is not None:
+            return triton_op(name, mutates_args=(), schema=schema)(fn)
+        return torch.library.custom_op(name, mutates_args=(), schema=schema)(fn)
+    return dec
+
+
+def autotune(configs, key):
+    """``triton.autotune``; the interpreter runs only the first config (benchmarking there is pointless)."""
+    return triton.autotune(configs=configs[:1] if INTERPRET else configs, key=key)
+
+
+def use_rn(device: torch.device) -> bool:
+    """Whether kernels on ``device`` use explicit ``.rn`` PTX arithmetic (never fused into FMAs);
+    the interpreter computes in numpy float32, where plain operators already round each result."""
+    return not INTERPRET and device.type == "cuda" and torch.version.hip is None
+
+
+def launch_options(device: torch.device) -> dict:
+    """Launch options of the kernels with exact arithmetic: on ROCm, where they use plain operators,
+    no FMA contraction (untested: no ROCm machine was available)."""
+    if not INTERPRET and device.type == "cuda" and torch.version.hip is not None:
+        return {"enable_fp_fusion": False}
+    return {}
+
+
+def check_device(t: torch.Tensor) -> None:
+    """A clear error for CPU tensors when the kernels were not built for the interpreter."""
+    if t.device.type != "cuda" and not INTERPRET:
+        raise RuntimeError(f"the Triton kernels run CUDA tensors (got {t.device}); CPU tensors only "
+                           "under TRITON_INTERPRET=1 set before aclip_kernels.triton is imported")
+
+
+def next_pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def dummy(like: torch.Tensor, t: Optional[torch.Tensor]) -> torch.Tensor:
+    """``t``, or a stand-in pointer for an argument the kernel does not read."""
+    return like if t is None else t
+
+
+# float32 a*b, a+b, a-b rounded to nearest, without flushing denormals: on CUDA as explicit
+# ``.rn`` PTX, which neither LLVM nor ptxas contracts into an FMA (libdevice's ``__nv_fmul_rn``
+# would flush denormals, as Triton compiles libdevice with FTZ); elsewhere plain operators.
+@triton.jit
+def _ptx_binary(op: tl.constexpr, a, b):
+    a = a.to(tl.float32)
+    b = b.to(tl.float32)
+    return tl.inline_asm_elementwise(op + " $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def fmul(a, b, RN: tl.constexpr):
+    if RN:
+        return _ptx_binary("mul.rn.f32", a, b)
+    else:
+        return a * b
+
+
+@triton.jit
+def fadd(a, b, RN: tl.constexpr):
+    if RN:
+        return _ptx_binary("add.rn.f32", a, b)
+    else:
+        return a + b
+
+
+@triton.jit
+def fsub(a, b, RN: tl.constexpr):
+    if RN:
+        return _ptx_binary("sub.rn.f32", a, b)
+    else:
+        return a - b

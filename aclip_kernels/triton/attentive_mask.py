@@ -1,0 +1,326 @@
+"""attentive_mask in Triton: the fused forward (one program per output row; with fused q/k scores
+one program per image, which computes the image's scores once and then does each of its views)
+and the one-pass backward.
+
+Forward, per output row r (view v of image i = r % Bs):
+  1. the score map of image i: read from ``scores`` [Bs, Hs*Ws], or computed from q/k (+ prior)
+     into a [Bs, Hs*Ws] buffer by ``cls_attention_row``;
+  2./3. the score of each b x b unit: its cells sampled bilinearly in the view's box (when boxes
+     are given or the grids differ), summed row-major and divided by b*b, each float32 operation
+     rounded as in ``aclip_kernels.reference`` (explicit ``.rn`` PTX on CUDA: no FMA contraction,
+     no flushed denormals);
+  4. the top n units: a bitwise search for the n-th largest monotone integer key (NaN lowest),
+     then ties at that key go to the lower unit indices (a prefix count in unit order);
+  5. ascending patch positions from per-unit-row counts, written to ``idx``;
+  6. the prefix rows and the kept rows of x copied into ``kept`` in [rows, D] tiles.
+Backward: grad_x row t is grad_kept's prefix row, the grad_kept row whose idx equals t (binary
+search in the ascending idx row) or zero, each row of grad_x written once.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..ops._checks import MaskArgs
+from ..ops.attentive_mask import op_arguments, register_attentive_mask
+from ._common import (autotune, check_device, dummy, fadd, fmul, fsub, launch_options, next_pow2, register_op, use_rn,
+                      wrap_triton)
+from .cls_attention import accumulation_dtype, cls_attention_row
+
+__all__ = ["attentive_mask", "attentive_mask_backward", "MASK_OP", "MASK_BACKWARD_OP"]
+
+MASK_OP = "aclip_kernels::attentive_mask_triton"
+MASK_BACKWARD_OP = "aclip_kernels::attentive_mask_backward_triton"
+MASK_SCHEMA = ("(Tensor x, Tensor? scores, Tensor? q, Tensor? k, Tensor? prior, Tensor? boxes, "
+               "int num_prefix_tokens, int[] score_grid, int[] grid, int block, int num_units, "
+               "float scale) -> (Tensor, Tensor)")
+MASK_BACKWARD_SCHEMA = "(Tensor grad_kept, Tensor idx, int num_prefix_tokens, int num_patches) -> Tensor"
+
+
+@triton.jit
+def _sample_coord(cell, cells_f, size, size_f, origin, extent, RN: tl.constexpr):
+    """Where online cell ``cell`` (of ``cells_f``) samples an axis of ``size`` pixels:
+    (lo, hi, frac), as ``align_scores_ref``'s sample_coords."""
+    centre = tl.math.div_rn(cell.to(tl.float32) + 0.5, cells_f)
+    pos = fadd(origin, fmul(centre, extent, RN), RN)
+    pix = fsub(fmul(pos, size_f, RN), tl.full((), 0.5, tl.float32), RN)
+    pix = tl.minimum(tl.maximum(pix, 0.0), size_f - 1.0)
+    lo = tl.floor(pix)
+    frac = fsub(pix, lo, RN)
+    lo_i = lo.to(tl.int32)
+    return lo_i, tl.minimum(lo_i + 1, size - 1), frac
+
+
+@triton.jit
+def _cell_scores(map_row, sm1, rows, cols, mask, Hs, Ws, Hs_f, Ws_f, Hg_f, Wg_f, y0, x0, bh, bw,
+                 RESAMPLE: tl.constexpr, RN: tl.constexpr):
+    """float32 scores of the online cells (rows [R, 1], cols [1, C]) from the map [Hs*Ws]."""
+    if RESAMPLE:
+        ylo, yhi, wy = _sample_coord(rows, Hg_f, Hs, Hs_f, y0, bh, RN)
+        xlo, xhi, wx = _sample_coord(cols, Wg_f, Ws, Ws_f, x0, bw, RN)
+        v00 = tl.load(map_row + (ylo * Ws + xlo) * sm1, mask=mask, other=0.0).to(tl.float32)
+        v01 = tl.load(map_row + (ylo * Ws + xhi) * sm1, mask=mask, other=0.0).to(tl.float32)
+        v10 = tl.load(map_row + (yhi * Ws + xlo) * sm1, mask=mask, other=0.0).to(tl.float32)
+        v11 = tl.load(map_row + (yhi * Ws + xhi) * sm1, mask=mask, other=0.0).to(tl.float32)
+        one = tl.full((), 1.0, tl.float32)
+        one_wx = fsub(one, wx, RN)
+        one_wy = fsub(one, wy, RN)
+        top = fadd(fmul(v00, one_wx, RN), fmul(v01, wx, RN), RN)
+        bottom = fadd(fmul(v10, one_wx, RN), fmul(v11, wx, RN), RN)
+        return fadd(fmul(top, one_wy, RN), fmul(bottom, wy, RN), RN)
+    else:
+        return tl.load(map_row + (rows * Ws + cols) * sm1, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _select_and_gather(x_row, kept_row, idx_row, map_row, box_row, sm1, sx1, sx2,
+                       P, D, Hs, Ws, Hs_f, Ws_f, Hg_f, Wg_f, Wg, Hu, Wu, M, n_units,
+                       BLOCK: tl.constexpr, RESAMPLE: tl.constexpr, HAS_BOXES: tl.constexpr,
+                       BLOCK_HU: tl.constexpr, BLOCK_WU: tl.constexpr,
+                       COPY_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, RN: tl.constexpr):
+    """Steps 2-6 of the forward for one output row."""
+    if HAS_BOXES:
+        y0 = tl.load(box_row)
+        x0 = tl.load(box_row + 1)
+        bh = tl.load(box_row + 2)
+        bw = tl.load(box_row + 3)
+    else:
+        y0 = tl.full((), 0.0, tl.float32)
+        x0 = tl.full((), 0.0, tl.float32)
+        bh = tl.full((), 1.0, tl.float32)
+        bw = tl.full((), 1.0, tl.float32)
+    ur = tl.arange(0, BLOCK_HU)[:, None]
+    uc = tl.arange(0, BLOCK_WU)[None, :]
+    umask = (ur < Hu) & (uc < Wu)
+
+    # Unit scores: the cells of each unit summed in row-major order, then divided by b*b.
+    for bi in tl.static_range(BLOCK):
+        for bj in tl.static_range(BLOCK):
+            cell = _cell_scores(map_row, sm1, ur * BLOCK + bi, uc * BLOCK + bj, umask, Hs, Ws,
+                                Hs_f, Ws_f, Hg_f, Wg_f, y0, x0, bh, bw, RESAMPLE, RN)
+            if bi == 0 and bj == 0:
+                total = cell
+            else:
+                total = fadd(total, cell, RN)
+    if BLOCK > 1:
+        score = tl.math.div_rn(total, BLOCK * BLOCK * 1.0)
+    else:
+        score = total
+
+    # Monotone keys in [0, 2**32): higher score = larger key, -0.0 = +0.0, NaN = 0 (below -inf);
+    # padding lanes -1.
+    score = tl.where(score == 0.0, 0.0, score)
+    bits = score.to(tl.int32, bitcast=True)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    key = tl.where(score != score, -2147483648, key)
+    ukey = tl.where(umask, key.to(tl.int64) + 2147483648, -1)
+
+    # The n-th largest key, bit by bit: the largest th with at least n keys >= th.
+    # (Runtime loops here and in the backward: unrolled, these chains would make torch.compile's
+    # mutation analysis, which walks every path of the kernel's dataflow graph, take 2**steps.)
+    th = tl.full((), 0, tl.int64)
+    for bit in range(31, -1, -1):
+        cand = th | (tl.full((), 1, tl.int64) << bit)
+        count = tl.sum(tl.sum((ukey >= cand).to(tl.int32), axis=1), axis=0)
+        th = tl.where(count >= n_units, cand, th)
+    above = ukey > th
+    need = n_units - tl.sum(tl.sum(above.to(tl.int32), axis=1), axis=0)
+    tie = (ukey == th).to(tl.int32)
+    tie_rows = tl.sum(tie, axis=1)
+    tie_rank = (tl.cumsum(tie_rows, axis=0) - tie_rows)[:, None] + tl.cumsum(tie, axis=1)
+    kept = above | ((tie != 0) & (tie_rank <= need))
+
+    # Ascending patch positions: the kept patches in earlier unit rows (b*b per kept unit), in
+    # earlier patch rows of this unit row (b per kept unit), left of this unit, left in this unit.
+    k_i = kept.to(tl.int32)
+    row_count = tl.sum(k_i, axis=1)
+    rows_before = (tl.cumsum(row_count, axis=0) - row_count)[:, None]
+    row_count = row_count[:, None]
+    left = tl.cumsum(k_i, axis=1) - k_i
+    for bi in tl.static_range(BLOCK):
+        for bj in tl.static_range(BLOCK):
+            pos = BLOCK * BLOCK * rows_before + BLOCK * bi * row_count + BLOCK * left + bj
+            patch = (ur * BLOCK + bi) * Wg + uc * BLOCK + bj
+            tl.store(idx_row + pos, patch.to(tl.int64), mask=kept)
+    tl.debug_barrier()  # idx is read back below by other threads
+
+    # kept = [x prefix rows, x rows P + idx], in [COPY_ROWS, BLOCK_D] tiles.
+    rows_out = P + M
+    rows_x = P + (Hu * BLOCK) * Wg
+    for j0 in range(0, rows_out, COPY_ROWS):
+        j = j0 + tl.arange(0, COPY_ROWS)
+        jmask = j < rows_out
+        is_patch = j >= P
+        pos_in_x = tl.load(idx_row + (j - P), mask=jmask & is_patch, other=0) + P
+        src = tl.where(is_patch, pos_in_x, j).to(tl.int64)
+        src_ok = jmask & (src >= 0) & (src < rows_x)  # never read outside x, even from a corrupt idx
+        dst = j.to(tl.int64) * D
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            m2 = jmask[:, None] & (offs_d < D)[None, :]
+            vals = tl.load(x_row + src[:, None] * sx1 + offs_d[None, :] * sx2,
+                           mask=src_ok[:, None] & m2, other=0)
+            tl.store(kept_row + dst[:, None] + offs_d[None, :], vals, mask=m2)
+
+
+_FWD_CONFIGS = [triton.Config({"COPY_ROWS": r, "BLOCK_D": d}, num_warps=w)
+                for r, d, w in ((32, 256, 4), (8, 128, 4), (16, 128, 4), (8, 256, 4), (16, 256, 8),
+                                (32, 128, 8), (8, 512, 8), (4, 512, 4), (32, 256, 8))]
+
+
+@autotune(_FWD_CONFIGS, key=["N", "D"])
+@triton.jit(do_not_specialize=["n_units"])
+def _mask_fwd_kernel(x, kept, idx, scores, boxes, q, k, prior, logits,
+                     Bs, views_per_program, P, N, D, M, n_units,
+                     Hs, Ws, Hs_f, Ws_f, Hg_f, Wg_f, Wg, Hu, Wu,
+                     sx0, sx1, sx2, ss0, ss1, sq0, sq1, sq2, sk0, sk1, sk2, sk3, sp0, sp1,
+                     H, Dh, scale,
+                     BLOCK: tl.constexpr, RESAMPLE: tl.constexpr, HAS_BOXES: tl.constexpr,
+                     FUSED: tl.constexpr, HAS_PRIOR: tl.constexpr,
+                     BLOCK_HU: tl.constexpr, BLOCK_WU: tl.constexpr,
+                     BLOCK_T: tl.constexpr, BLOCK_DH: tl.constexpr, RN: tl.constexpr,
+                     COPY_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid (Bs * V / views_per_program,): program g * Bs + i does views
+    [g * views_per_program, (g + 1) * views_per_program) of image i."""
+    pid = tl.program_id(0)
+    image = pid % Bs
+    group = pid // Bs
+    map_row = scores + image.to(tl.int64) * ss0
+    if FUSED:
+        i64 = image.to(tl.int64)
+        Ts = P + Hs * Ws
+        cls_attention_row(q + i64 * sq0, k + i64 * sk0, prior + i64 * sp0, map_row,
+                          logits + i64 * Ts, H, Ts, P, Dh, sq1, sq2, sk1, sk2, sk3, sp1, scale,
+                          HAS_PRIOR, BLOCK_T, BLOCK_DH)
+        tl.debug_barrier()
+    rows_out = P + M
+    for v in range(views_per_program):
+        r = ((group * views_per_program + v) * Bs + image).to(tl.int64)
+        _select_and_gather(x + r * sx0, kept + r * rows_out * D, idx + r * M, map_row, boxes + r * 4,
+                           ss1, sx1, sx2, P, D, Hs, Ws, Hs_f, Ws_f, Hg_f, Wg_f, Wg, Hu, Wu, M, n_units,
+                           BLOCK, RESAMPLE, HAS_BOXES, BLOCK_HU, BLOCK_WU, COPY_ROWS, BLOCK_D, RN)
+
+
+_BWD_CONFIGS = [triton.Config({"BLOCK_T": t, "BLOCK_D": d}, num_warps=w)
+                for t, d, w in ((32, 256, 4), (8, 128, 4), (16, 128, 4), (8, 256, 4), (16, 256, 8),
+                                (32, 128, 8), (4, 512, 4), (8, 512, 8))]
+
+
+@autotune(_BWD_CONFIGS, key=["N", "D"])
+@triton.jit
+def _mask_bwd_kernel(grad_kept, idx, grad_x, P, N, D, M, sg0, sg1, sg2, search_steps,
+                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid (Bx, cdiv(P + N, BLOCK_T)): rows [BLOCK_T * pid1, ...) of grad_x [Bx, P+N, D]."""
+    r = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = t < P + N
+    patch = t - P
+    idx_row = idx + r * M
+    lo = tl.zeros([BLOCK_T], dtype=tl.int32)
+    hi = tl.full([BLOCK_T], M, tl.int32)
+    for _ in range(search_steps):  # lo = first j with idx[j] >= patch (a runtime loop, see above)
+        active = lo < hi
+        mid = (lo + hi) // 2
+        value = tl.load(idx_row + mid, mask=active & tmask, other=0)
+        right = value < patch
+        lo = tl.where(active & right, mid + 1, lo)
+        hi = tl.where(active & (~right), mid, hi)
+    found = tl.load(idx_row + lo, mask=tmask & (lo < M), other=-1) == patch
+    is_prefix = t < P
+    src = tl.where(is_prefix, t, P + lo).to(tl.int64)
+    take = tmask & (is_prefix | found)
+    src_row = grad_kept + r * sg0 + src * sg1
+    dst_row = grad_x + (r * (P + N) + t.to(tl.int64)) * D
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        dmask = (offs_d < D)[None, :]
+        vals = tl.load(src_row[:, None] + offs_d[None, :] * sg2, mask=take[:, None] & dmask, other=0.0)
+        tl.store(dst_row[:, None] + offs_d[None, :], vals, mask=tmask[:, None] & dmask)
+
+
+def fused_block_t(dh: int) -> int:
+    return 32 if next_pow2(dh) >= 128 else 64
+
+
+def forward_launch(x: Tensor, scores: Optional[Tensor], q: Optional[Tensor], k: Optional[Tensor],
+                   prior: Optional[Tensor], boxes: Optional[Tensor], num_prefix_tokens: int,
+                   score_grid, grid, block: int, num_units: int, scale: float):
+    """(outputs (kept, idx), grid, runtime args, constexprs) of one ``_mask_fwd_kernel`` launch."""
+    p = num_prefix_tokens
+    bx, _, d = x.shape
+    hs, ws = score_grid
+    hg, wg = grid
+    n, m = hg * wg, num_units * block * block
+    kept = x.new_empty(bx, p + m, d)
+    idx = x.new_empty(bx, m, dtype=torch.int64)
+    fused = scores is None
+    if fused:
+        bs, heads, t_k, dh = k.shape
+        dtype = accumulation_dtype(q)
+        scores = torch.empty(bs, t_k - p, dtype=dtype, device=x.device)  # written by the kernel
+        logits = torch.empty(bs, t_k, dtype=dtype, device=x.device)
+        views_per_program, programs = bx // bs, bs
+    else:
+        bs, heads, dh = scores.shape[0], 1, 1
+        logits = scores
+        views_per_program, programs = 1, bx
+    qt, kt, pt = dummy(x, q), dummy(x, k), dummy(x, prior)
+    kt4 = kt.stride() if k is not None else (0, 0, 0, 0)
+    qt3 = qt.stride() if q is not None else (0, 0, 0)
+    pt2 = pt.stride() if prior is not None else (0, 0)
+    runtime = (x, kept, idx, scores, dummy(x, boxes), qt, kt, pt, logits,
+               bs, views_per_program, p, n, d, m, num_units,
+               hs, ws, float(hs), float(ws), float(hg), float(wg), wg, hg // block, wg // block,
+               *x.stride(), *scores.stride(), *qt3, *kt4, *pt2, heads, dh, float(scale))
+    constexprs = dict(BLOCK=block, RESAMPLE=boxes is not None or (hs, ws) != (hg, wg),
+                      HAS_BOXES=boxes is not None, FUSED=fused, HAS_PRIOR=prior is not None,
+                      BLOCK_HU=next_pow2(hg // block), BLOCK_WU=next_pow2(wg // block),
+                      BLOCK_T=fused_block_t(dh), BLOCK_DH=next_pow2(dh), RN=use_rn(x.device))
+    return (kept, idx), (programs,), runtime, constexprs
+
+
+@register_op(MASK_OP, MASK_SCHEMA)
+def _attentive_mask_op(x: Tensor, scores: Optional[Tensor], q: Optional[Tensor], k: Optional[Tensor],
+                       prior: Optional[Tensor], boxes: Optional[Tensor], num_prefix_tokens: int,
+                       score_grid: List[int], grid: List[int], block: int, num_units: int,
+                       scale: float) -> Tuple[Tensor, Tensor]:
+    outputs, launch_grid, runtime, constexprs = forward_launch(
+        x, scores, q, k, prior, boxes, num_prefix_tokens, score_grid, grid, block, num_units, scale)
+    wrap_triton(_mask_fwd_kernel)[launch_grid](*runtime, **constexprs, **launch_options(x.device))
+    return outputs
+
+
+def search_steps(num_kept: int) -> int:
+    return max(1, int(num_kept).bit_length())
+
+
+@register_op(MASK_BACKWARD_OP, MASK_BACKWARD_SCHEMA)
+def _attentive_mask_backward_op(grad_kept: Tensor, idx: Tensor, num_prefix_tokens: int,
+                                num_patches: int) -> Tensor:
+    bx, _, d = grad_kept.shape
+    p, m = num_prefix_tokens, idx.shape[1]
+    idx = idx.contiguous()
+    grad_x = grad_kept.new_empty(bx, p + num_patches, d)
+    wrap_triton(_mask_bwd_kernel)[lambda meta: (bx, triton.cdiv(p + num_patches, meta["BLOCK_T"]))](
+        grad_kept, idx, grad_x, p, num_patches, d, m, *grad_kept.stride(), search_steps(m))
+    return grad_x
+
+
+def attentive_mask_backward(grad_kept: Tensor, idx: Tensor, num_prefix_tokens: int,
+                            num_patches: int) -> Tensor:
+    """grad_kept [Bx, P+n, D], idx [Bx, n] -> grad_x [Bx, P+N, D] (zero where not kept)."""
+    return torch.ops.aclip_kernels.attentive_mask_backward_triton(grad_kept, idx, num_prefix_tokens,
+                                                                   num_patches)
+
+
+register_attentive_mask(MASK_OP, torch.ops.aclip_kernels.attentive_mask_backward_triton)
+
+
+def attentive_mask(args: MaskArgs) -> Tuple[Tensor, Tensor]:
+    """The checked arguments -> (kept [Bx, P + n*b*b, D], idx [Bx, n*b*b] int64 ascending)."""
+    check_device(args.x)
+    return torch.ops.aclip_kernels.attentive_mask_triton(*op_arguments(args))

@@ -1,0 +1,184 @@
+"""Ahead-of-time compilation of every Triton kernel variant the library launches, for given CUDA
+architectures, without a GPU: ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``.
+
+    python -m aclip_kernels.triton.compile_check --cc 80 90      (TRITON_INTERPRET must be unset)
+
+prints one JSON line per compiled variant (kernel, variant, cc, config, ok, error, fma count).
+The variants are built from real launch arguments (``forward_launch`` etc.), so their signatures
+are the ones a launch would produce.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Dict, Iterator, List, Tuple
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+import importlib
+from ._common import INTERPRET, next_pow2
+
+# The package re-exports functions under the submodules' names, so fetch the modules themselves.
+am = importlib.import_module(".attentive_mask", __package__)
+ca = importlib.import_module(".cls_attention", __package__)
+
+_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+           torch.int64: "i64", torch.int32: "i32"}
+MASK_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _arg_type(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + _DTYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"unsupported kernel argument {value!r}")
+
+
+def _source(kernel, runtime: tuple, constexprs: dict) -> ASTSource:
+    fn = kernel.fn  # the JITFunction under the autotuner
+    names = fn.arg_names
+    signature = {}
+    for name, value in zip(names, runtime):
+        signature[name] = _arg_type(value)
+    for name in names[len(runtime):]:
+        signature[name] = "constexpr"
+    return ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+
+
+def _mask_variant(dtype, block, boxes, coarse=False, fused=False, prior=False):
+    bs, views, p, hg = 2, 2 if boxes else 1, 1, 8
+    x = torch.zeros(bs * views, p + hg * hg, 64, dtype=dtype)
+    scores = q = k = pr = bx = None
+    hs = hg // 2 + 1 if coarse else hg
+    if fused:
+        q = torch.zeros(bs, 4, 16, dtype=dtype)
+        k = torch.zeros(bs, 4, p + hs * hs, 16, dtype=dtype)
+        pr = torch.zeros(bs, hs * hs) if prior else None
+    else:
+        scores = torch.zeros(bs, hs * hs)
+    if boxes:
+        bx = torch.zeros(bs * views, 4)
+    _, _, runtime, constexprs = am.forward_launch(x, scores, q, k, pr, bx, p, (hs, hs), (hg, hg), block,
+                                                  hg * hg // (2 * block * block), 0.25)
+    constexprs["RN"] = True
+    name = (f"{str(dtype)[6:]}-b{block}{'-boxes' if boxes else ''}{'-coarse' if coarse else ''}"
+            f"{'-qk' if fused else ''}{'-prior' if prior else ''}")
+    return name, runtime, constexprs
+
+
+# The dtype x block x score-path variants compiled; (*) marks the one compiled with every config.
+MASK_VARIANTS = {
+    torch.float32: [dict(block=1, boxes=False), dict(block=1, boxes=True), dict(block=1, boxes=False, coarse=True),
+                    dict(block=2, boxes=False), dict(block=2, boxes=True), dict(block=2, boxes=False, coarse=True),
+                    dict(block=2, boxes=True, fused=True, prior=True)],
+    torch.float16: [dict(block=1, boxes=False), dict(block=2, boxes=True), dict(block=1, boxes=True, fused=True)],
+    torch.bfloat16: [dict(block=1, boxes=False), dict(block=2, boxes=True, all_configs=True),
+                     dict(block=2, boxes=True, fused=True)],
+}
+CLS_VARIANTS = [(torch.float32, False, False), (torch.float32, True, False), (torch.float16, True, False),
+                (torch.bfloat16, False, True), (torch.float64, True, False)]
+
+
+def variants() -> Iterator[Tuple[str, object, str, tuple, dict, bool]]:
+    """(kernel name, autotuned kernel, variant, runtime args, constexprs, all configs) for the
+    variants the library launches: every x dtype with block 1 and 2, boxes / coarse maps / fused q/k."""
+    for dtype, settings in MASK_VARIANTS.items():
+        for setting in settings:
+            setting = dict(setting)
+            all_configs = setting.pop("all_configs", False)
+            yield ("attentive_mask_fwd", am._mask_fwd_kernel, *_mask_variant(dtype, **setting), all_configs)
+        grad = torch.zeros(4, 1 + 1000, 64, dtype=dtype)
+        idx = torch.zeros(4, 1000, dtype=torch.int64)
+        yield ("attentive_mask_bwd", am._mask_bwd_kernel, str(dtype)[6:],
+               (grad, idx, grad, 1, 1000, 64, 1000, *grad.stride(), am.search_steps(1000)), {},
+               dtype == torch.bfloat16)
+    for dtype, prior, all_configs in CLS_VARIANTS:
+        q = torch.zeros(2, 4, 16, dtype=dtype)
+        k = torch.zeros(2, 4, 17, 16, dtype=dtype)
+        out = torch.zeros(2, 16, dtype=ca.accumulation_dtype(q))
+        runtime = ca.launch_args(q, k, torch.zeros(2, 16) if prior else None, out, out, 1, 0.25)
+        yield ("cls_attention", ca._cls_attention_kernel, f"{str(dtype)[6:]}{'-prior' if prior else ''}",
+               runtime, {"HAS_PRIOR": prior, "BLOCK_DH": next_pow2(16)}, all_configs)
+
+
+def compile_all(ccs: List[int], all_configs: bool = False) -> Iterator[Dict]:
+    """Compile each variant with its first autotune config; the marked variants (all variants with
+    ``all_configs``) with every config, on the newest of ``ccs``."""
+    for kernel_name, kernel, variant, runtime, constexprs, every in variants():
+        for config in (kernel.configs if every or all_configs else kernel.configs[:1]):
+            consts = dict(constexprs, **config.kwargs)
+            for cc in (ccs if config is kernel.configs[0] else ccs[-1:]):
+                yield _compile_one(kernel_name, kernel, variant, runtime, consts, config, cc)
+
+
+def _compile_one(kernel_name, kernel, variant, runtime, consts, config, cc) -> Dict:
+    record = dict(kernel=kernel_name, variant=variant, cc=cc, config=str(config.kwargs),
+                  num_warps=config.num_warps)
+    start = time.time()
+    try:
+        compiled = triton.compile(_source(kernel, runtime, consts), target=GPUTarget("cuda", cc, 32),
+                                  options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+        ptx = compiled.asm["ptx"]
+        record.update(ok=True, cubin_bytes=len(compiled.asm["cubin"]), fma=ptx.count("fma.rn.f32"),
+                      mul_rn=ptx.count("mul.rn.f32"),
+                      # flushing denormals changes results; floor (of a clamped pix >= 0) cannot
+                      ftz=ptx.count(".ftz") - ptx.count("cvt.rmi.ftz.f32.f32"))
+    except Exception as exc:  # reported; the caller fails on it
+        record.update(ok=False, error=f"{type(exc).__name__}: {exc}"[-2000:])
+    record["seconds"] = round(time.time() - start, 2)
+    return record
+
+
+def mutation_analysis(cc: int) -> Iterator[Dict]:
+    """The tensors torch.compile's Triton mutation analysis thinks each variant writes (what it
+    would clone); it walks every dataflow path of the kernel's TTIR, so it also guards against
+    kernels whose analysis never finishes."""
+    from torch._higher_order_ops.triton_kernel_wrap import identify_accessed_tensors
+
+    class _Target:  # the analysis asks the active driver for the target; there is no GPU here
+        def get_current_target(self):
+            return GPUTarget("cuda", cc, 32)
+
+    triton.runtime.driver.set_active(_Target())
+    for kernel_name, kernel, variant, runtime, constexprs, _ in variants():
+        kwargs = dict(zip(kernel.fn.arg_names, runtime), **constexprs)
+        start = time.time()
+        accesses = identify_accessed_tensors(kernel, kwargs, {})
+        yield dict(kernel=kernel_name, variant=variant, cc=cc,
+                   writes=sorted(dep.name for dep in accesses.read_writes.writes),
+                   seconds=round(time.time() - start, 2))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cc", type=int, nargs="+", default=[80, 90])
+    parser.add_argument("--all-configs", action="store_true")
+    parser.add_argument("--mutation-analysis", action="store_true",
+                        help="print what torch.compile's analysis thinks each variant writes instead")
+    args = parser.parse_args(argv)
+    if INTERPRET:
+        print("TRITON_INTERPRET=1 is set; unset it to compile", file=sys.stderr)
+        return 2
+    if args.mutation_analysis:
+        for record in mutation_analysis(args.cc[-1]):
+            print(json.dumps(record), flush=True)
+        return 0
+    ok = True
+    for record in compile_all(args.cc, args.all_configs):
+        ok &= record["ok"]
+        print(json.dumps(record), flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

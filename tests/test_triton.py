@@ -1,0 +1,298 @@
+"""The Triton backend against the reference: exact indices and gathered rows, exact backward,
+cls_attention within CLS_ATTENTION_TOL.
+
+Without CUDA the kernels run in the Triton interpreter on CPU tensors: TRITON_INTERPRET=1 is set
+while ``aclip_kernels.triton`` is imported (triton.jit reads it then) and during every test. With
+CUDA the same tests run on the GPU, plus the ``requires_cuda`` ones (full grid, torch.compile).
+"""
+import os
+from dataclasses import replace
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import aclip_kernels as ak
+from aclip_kernels.ops._checks import check_mask_args
+from aclip_kernels.ops.attentive_mask import op_arguments
+from aclip_kernels.reference import cls_attention_ref, scatter_tokens_ref
+from aclip_kernels.testing import (MaskCase, assert_cls_attention_close, assert_mask_matches_reference,
+                                   cls_attention_inputs, make_mask_inputs, mask_cases, random_boxes,
+                                   requires_cuda)
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+if not CUDA:
+    _previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+import aclip_kernels.triton  # noqa: E402
+from aclip_kernels.triton import _common  # noqa: E402
+
+if not CUDA:
+    if _previous is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = _previous
+    if not _common.INTERPRET:
+        raise RuntimeError("aclip_kernels.triton was imported without TRITON_INTERPRET=1 before this "
+                           "module; its kernels cannot run on this GPU-less machine")
+
+CSRC_SCHEMAS = {
+    "attentive_mask": "(Tensor x, Tensor? scores, Tensor? q, Tensor? k, Tensor? prior, Tensor? boxes, "
+                      "int num_prefix_tokens, int[] score_grid, int[] grid, int block, int num_units, "
+                      "float scale) -> (Tensor, Tensor)",
+    "cls_attention": "(Tensor q, Tensor k, int num_prefix_tokens, float scale, Tensor? prior) -> Tensor",
+    "attentive_mask_backward": "(Tensor grad_kept, Tensor idx, int num_prefix_tokens, int num_patches) -> Tensor",
+}
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(monkeypatch):
+    if not CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def _mask_args(inputs: dict):
+    return check_mask_args(inputs["x"], inputs.get("scores"), inputs["keep"], inputs.get("q"),
+                           inputs.get("k"), inputs.get("prior"), inputs["num_prefix_tokens"],
+                           inputs["grid"], inputs["block"], inputs.get("boxes"), None)
+
+
+# The quick grid covers P 0/1/5, block 1/2, boxes, 2 views, k=1 and k=all, ties, NaN, bf16/fp16,
+# strided x, fused q/k (+prior), coarse score maps, odd grids; widths capped at 64.
+@pytest.mark.parametrize("case", mask_cases(quick=True), ids=lambda c: c.id)
+def test_attentive_mask_matches_reference(case):
+    inputs = make_mask_inputs(case, device=DEVICE)
+    kept, idx = ak.attentive_mask(**inputs, backend="triton")
+    assert_mask_matches_reference(kept, idx, inputs)
+
+
+@pytest.mark.parametrize("case", [
+    next(c for c in mask_cases() if c.id == "vitb16-aclip"),        # ViT-B/16, D 768, 2 views, b 2, boxes
+    MaskCase("vitl14-448-p8-d2048", images=1, grid=(32, 32), prefix=8, width=2048, dtype=torch.bfloat16),
+    MaskCase("vitl14-448-fused", images=1, grid=(32, 32), prefix=8, width=32, scores="qk_prior", heads=2),
+], ids=lambda c: c.id)
+def test_attentive_mask_large_shapes(case):
+    inputs = make_mask_inputs(case, device=DEVICE)
+    kept, idx = ak.attentive_mask(**inputs, backend="triton")
+    assert_mask_matches_reference(kept, idx, inputs)
+
+
+def _extreme_scores(rows: int, grid) -> torch.Tensor:
+    """Scores full of the values a key must order exactly: NaN, +-inf, +-0.0, denormals, ties."""
+    g = torch.Generator().manual_seed(1)
+    pool = torch.tensor([float("nan"), float("inf"), float("-inf"), 0.0, -0.0, 1e-40, -1e-40, 2e-45,
+                         1.0, 1.0, -1.0, 3.4e38, -3.4e38, 1e-38])
+    return pool[torch.randint(0, len(pool), (rows, *grid), generator=g)]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy on inf - inf in the interpreter
+@pytest.mark.parametrize("block", [1, 2])
+@pytest.mark.parametrize("boxes", [False, True])
+@pytest.mark.parametrize("keep", [1, 5, 16])
+def test_attentive_mask_extreme_scores(block, boxes, keep):
+    g = torch.Generator().manual_seed(2)
+    grid = (8, 8)
+    x = torch.randn(2, 2 + 64, 16, generator=g)
+    inputs = dict(x=x, scores=_extreme_scores(2, grid), keep=keep, num_prefix_tokens=2, grid=grid,
+                  block=block, boxes=random_boxes(2, g) if boxes else None)
+    inputs = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+    kept, idx = ak.attentive_mask(**inputs, backend="triton")
+    assert_mask_matches_reference(kept, idx, inputs)
+
+
+@st.composite
+def _mask_problems(draw):
+    block = draw(st.sampled_from([1, 2, 3]))
+    grid = (block * draw(st.integers(1, 5)), block * draw(st.integers(1, 5)))
+    units = (grid[0] // block) * (grid[1] // block)
+    images, views, prefix = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(0, 3))
+    score_grid = draw(st.sampled_from([grid, (draw(st.integers(1, 7)), draw(st.integers(1, 7)))]))
+    keep = draw(st.one_of(st.integers(1, units), st.floats(0.01, 1.0)))
+    seed = draw(st.integers(0, 2 ** 16))
+    g = torch.Generator().manual_seed(seed)
+    kind = draw(st.sampled_from(["randn", "ties", "nan", "extreme"]))
+    if kind == "extreme":
+        scores = _extreme_scores(images, score_grid)
+    elif kind == "ties":
+        scores = torch.randint(0, 2, (images, *score_grid), generator=g).float()
+    else:
+        scores = torch.randn(images, *score_grid, generator=g)
+        if kind == "nan":
+            scores[torch.rand(scores.shape, generator=g) < 0.3] = float("nan")
+    x = torch.randn(images * views, prefix + grid[0] * grid[1], draw(st.integers(1, 24)), generator=g)
+    boxes = random_boxes(images * views, g, min_size=0.2) if draw(st.booleans()) else None
+    return dict(x=x.to(draw(st.sampled_from([torch.float32, torch.bfloat16]))), scores=scores, keep=keep,
+                num_prefix_tokens=prefix, grid=grid, block=block, boxes=boxes)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(_mask_problems())
+def test_attentive_mask_random_problems(problem):
+    """Random grids (odd, non-square, block 3: a division by 9), score maps, boxes, keeps."""
+    inputs = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in problem.items()}
+    kept, idx = ak.attentive_mask(**inputs, backend="triton")
+    assert_mask_matches_reference(kept, idx, inputs)
+
+
+def test_random_mask_matches_reference():
+    x = torch.randn(4, 1 + 64, 32).to(DEVICE)
+    kept, idx = ak.random_mask(x, 0.25, block=2, generator=torch.Generator(DEVICE).manual_seed(3),
+                               backend="triton")
+    ref_kept, ref_idx = ak.random_mask(x, 0.25, block=2, generator=torch.Generator(DEVICE).manual_seed(3),
+                                       backend="torch")
+    torch.testing.assert_close(idx, ref_idx, rtol=0, atol=0)
+    torch.testing.assert_close(kept, ref_kept, rtol=0, atol=0)
+
+
+_BACKWARD_CASES = ([c for c in mask_cases(quick=True) if c.grid == (8, 8)][:12]
+                   + [c for c in mask_cases(quick=True) if c.id in ("strided-bf16", "odd-7x9-boxes", "keep1-b2")])
+
+
+@pytest.mark.parametrize("case", _BACKWARD_CASES, ids=lambda c: c.id)
+def test_backward_matches_reference(case):
+    inputs = make_mask_inputs(case, device=DEVICE)
+    x = inputs.pop("x").detach().requires_grad_()
+    kept, idx = ak.attentive_mask(x, **inputs, backend="triton")
+    # A non-contiguous incoming gradient, as autograd may hand it over.
+    grad = torch.randn(kept.shape[0], kept.shape[2], kept.shape[1], device=DEVICE).to(kept.dtype).transpose(1, 2)
+    (grad_x,) = torch.autograd.grad(kept, x, grad)
+    expected = scatter_tokens_ref(grad.cpu(), idx.cpu(), case.prefix, x.shape[1] - case.prefix)
+    assert grad_x.dtype == x.dtype and grad_x.is_contiguous()
+    torch.testing.assert_close(grad_x.cpu(), expected, rtol=0, atol=0)
+
+
+def test_backward_writes_every_row():
+    """The backward allocates grad_x uninitialised, so every row must be written (zeros too)."""
+    from aclip_kernels.triton.attentive_mask import attentive_mask_backward
+    grad = torch.ones(2, 3 + 4, 8, device=DEVICE)
+    idx = torch.tensor([[0, 5, 6, 9], [1, 2, 3, 4]], device=DEVICE)
+    for _ in range(3):  # fresh allocations may reuse dirty memory
+        torch.empty(2, 3 + 10, 8, device=DEVICE).fill_(float("nan"))
+        grad_x = attentive_mask_backward(grad, idx, 3, 10)
+        torch.testing.assert_close(grad_x.cpu(), scatter_tokens_ref(grad.cpu(), idx.cpu(), 3, 10), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("prefix", [0, 1, 5])
+@pytest.mark.parametrize("strided", [False, True])
+def test_cls_attention_matches_reference(dtype, prefix, strided):
+    q, k = cls_attention_inputs(3, 4, prefix + 49, 16, dtype, device=DEVICE, strided=strided)
+    result = ak.cls_attention(q, k, num_prefix_tokens=prefix, backend="triton")
+    assert result.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_cls_attention_close(result, q, k, prefix)
+
+
+def test_cls_attention_long_sequence_and_wide_heads():
+    """T over several key tiles, Dh not a power of two, k a slice of a wider tensor."""
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 3, 40, generator=g).to(DEVICE)
+    k = torch.randn(2, 3, 600, 48, generator=g)[:, :, :577, 4:44].to(DEVICE)
+    result = ak.cls_attention(q, k, num_prefix_tokens=1, scale=0.3, backend="triton")
+    assert_cls_attention_close(result, q, k, 1, 0.3)
+
+
+def test_cls_attention_accumulates_into_out():
+    q, k = cls_attention_inputs(2, 4, 1 + 16, 8, torch.bfloat16, device=DEVICE)
+    start = torch.rand(2, 16, device=DEVICE)
+    out = start.clone()
+    assert ak.cls_attention(q, k, out=out, backend="triton") is out
+    ak.cls_attention(q, k, out=out, backend="triton")
+    ref = start.cpu() + 2 * cls_attention_ref(q.cpu(), k.cpu(), 1)
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-6, atol=1e-5)
+
+
+def test_cls_attention_gradients():
+    q, k = cls_attention_inputs(2, 3, 1 + 9, 8, torch.float64, device=DEVICE, strided=True)
+    q, k = q.requires_grad_(), k.requires_grad_()
+    weight = torch.randn(2, 9, dtype=torch.float64, device=DEVICE)
+    grads = torch.autograd.grad((ak.cls_attention(q, k, backend="triton") * weight).sum(), (q, k))
+    ref = torch.autograd.grad((cls_attention_ref(q, k, 1) * weight).sum(), (q, k))
+    for got, want in zip(grads, ref):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_ops_have_the_csrc_schemas():
+    for name, schema in CSRC_SCHEMAS.items():
+        op = getattr(torch.ops.aclip_kernels, f"{name}_triton").default
+        assert str(op._schema) == f"aclip_kernels::{name}_triton{schema}"
+
+
+def test_opcheck():
+    # The AOT-dispatch check traces the triton op into a graph, which needs a real GPU.
+    utils = None if CUDA else ("test_schema", "test_autograd_registration", "test_faketensor")
+    case = MaskCase("opcheck", grid=(4, 4), width=8, block=2, boxes=True, views=2)
+    inputs = make_mask_inputs(case, device=DEVICE)
+    inputs["x"].requires_grad_()
+    torch.library.opcheck(torch.ops.aclip_kernels.attentive_mask_triton.default,
+                          op_arguments(_mask_args(inputs)), test_utils=utils)
+    q, k = cls_attention_inputs(2, 2, 9, 8, torch.float32, device=DEVICE)
+    torch.library.opcheck(torch.ops.aclip_kernels.cls_attention_triton.default,
+                          (q.requires_grad_(), k.requires_grad_(), 1, 0.3, None), test_utils=utils)
+
+
+# ---- GPU only -------------------------------------------------------------------------------
+
+@requires_cuda
+@pytest.mark.parametrize("case", mask_cases(), ids=lambda c: c.id)
+def test_full_grid_on_cuda(case):
+    inputs = make_mask_inputs(case, device="cuda")
+    kept, idx = ak.attentive_mask(**inputs, backend="triton")
+    assert kept.is_cuda and idx.is_cuda
+    assert_mask_matches_reference(kept, idx, inputs)
+
+
+@requires_cuda
+@pytest.mark.parametrize("case", [c for c in mask_cases() if c.id in ("vitb16-aclip", "fused-qk", "strided-bf16")],
+                         ids=lambda c: c.id)
+def test_torch_compile_fullgraph(case):
+    inputs = make_mask_inputs(case, device="cuda")
+    args = list(op_arguments(_mask_args(inputs)))
+    x = args[0].detach().requires_grad_()
+
+    def masked(x, *rest):
+        kept, idx = torch.ops.aclip_kernels.attentive_mask_triton(x, *rest)
+        return kept * 2, idx
+
+    compiled = torch.compile(masked, fullgraph=True)
+    kept, idx = compiled(x, *args[1:])
+    assert_mask_matches_reference(kept / 2, idx, inputs)
+    grad = torch.randn_like(kept)
+    (grad_x,) = torch.autograd.grad(kept, x, grad)
+    expected = scatter_tokens_ref(2 * grad.cpu(), idx.cpu(), case.prefix, x.shape[1] - case.prefix)
+    torch.testing.assert_close(grad_x.cpu(), expected, rtol=0, atol=0)
+
+
+@requires_cuda
+def test_cls_attention_torch_compile_fullgraph():
+    q, k = cls_attention_inputs(4, 12, 197, 64, torch.bfloat16, device="cuda", strided=True)
+    prior = torch.rand(4, 196, device="cuda")
+    compiled = torch.compile(lambda q, k, p: torch.ops.aclip_kernels.cls_attention_triton(q, k, 1, 0.125, p),
+                             fullgraph=True)
+    ref = prior.cpu() + cls_attention_ref(q.cpu(), k.cpu(), 1, 0.125)
+    torch.testing.assert_close(compiled(q, k, prior).cpu(), ref, rtol=1e-6, atol=1e-5)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_on_cuda_large(dtype):
+    case = MaskCase("vitl14-448", images=4, views=2, grid=(32, 32), prefix=8, width=1024, block=2,
+                    boxes=True, dtype=dtype)
+    inputs = make_mask_inputs(case, device="cuda")
+    x = inputs.pop("x").detach().requires_grad_()
+    kept, idx = ak.attentive_mask(x, **inputs, backend="triton")
+    assert_mask_matches_reference(kept, idx, dict(inputs, x=x.detach()))
+    grad = torch.randn_like(kept)
+    (grad_x,) = torch.autograd.grad(kept, x, grad)
+    expected = scatter_tokens_ref(grad.cpu(), idx.cpu(), case.prefix, x.shape[1] - case.prefix)
+    torch.testing.assert_close(grad_x.cpu(), expected, rtol=0, atol=0)
+
+
+@requires_cuda
+@pytest.mark.parametrize("tokens,heads,head_dim", [(197, 12, 64), (577, 16, 64), (1025, 16, 80)])
+def test_cls_attention_vit_shapes_on_cuda(tokens, heads, head_dim):
+    q, k = cls_attention_inputs(8, heads, tokens, head_dim, torch.bfloat16, device="cuda", strided=True)
+    assert_cls_attention_close(ak.cls_attention(q, k, backend="triton"), q, k, 1)

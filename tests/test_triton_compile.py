@@ -1,0 +1,81 @@
+"""Every Triton kernel variant the library launches compiles to cubin for sm_80 and sm_90 on this
+GPU-less machine (``python -m aclip_kernels.triton.compile_check``, in a subprocess without
+TRITON_INTERPRET and with an empty Triton cache), and the selection arithmetic compiles to
+explicitly rounded, non-FTZ float32 instructions with no FMA."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+CCS = (80, 90)
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))
+    proc = subprocess.run([sys.executable, "-m", "aclip_kernels.triton.compile_check", "--cc", *map(str, CCS)],
+                          capture_output=True, text=True, env=env, timeout=900)
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    failed = [r for r in lines if not r["ok"]]
+    assert proc.returncode == 0 and not failed, (
+        f"compile check exited {proc.returncode}; failures: {json.dumps(failed, indent=1)[:6000]}\n"
+        f"stderr: {proc.stderr[-3000:]}")
+    return lines
+
+
+def test_every_launched_variant_compiles_for_each_arch(records):
+    seen = {(r["kernel"], r["variant"], r["cc"]) for r in records}
+    for cc in CCS:
+        for dtype in ("float32", "float16", "bfloat16"):
+            for block in (1, 2):
+                assert any(k == "attentive_mask_fwd" and v.startswith(f"{dtype}-b{block}") and c == cc
+                           for k, v, c in seen), (dtype, block, cc)
+            assert any(k == "attentive_mask_fwd" and v.startswith(dtype) and "-qk" in v and c == cc
+                       for k, v, c in seen), (dtype, "fused q/k", cc)
+            assert ("attentive_mask_bwd", dtype, cc) in seen
+        for dtype in ("float32", "float16", "bfloat16", "float64"):
+            assert any(k == "cls_attention" and v.startswith(dtype) and c == cc for k, v, c in seen), (dtype, cc)
+        for variant in ("float32-b2-boxes", "float32-b1-coarse"):
+            assert ("attentive_mask_fwd", variant, cc) in seen
+
+
+def test_every_autotune_config_compiles(records):
+    configs = {(r["kernel"], r["config"], r["num_warps"]) for r in records}
+    counts = {kernel: sum(1 for k, _, _ in configs if k == kernel)
+              for kernel in ("attentive_mask_fwd", "attentive_mask_bwd", "cls_attention")}
+    assert counts == {"attentive_mask_fwd": 9, "attentive_mask_bwd": 8, "cls_attention": 6}, counts
+
+
+def test_selection_arithmetic_is_exactly_rounded(records):
+    forward = [r for r in records if r["kernel"] == "attentive_mask_fwd" and "-qk" not in r["variant"]]
+    assert forward
+    for r in forward:
+        # No FMA contraction and no flush-to-zero arithmetic anywhere in the scores -> selection path.
+        assert r["fma"] == 0 and r["ftz"] == 0, r
+        if "boxes" in r["variant"] or "coarse" in r["variant"]:
+            assert r["mul_rn"] > 0, r  # the alignment uses explicit mul.rn.f32
+
+
+def test_torch_compile_mutation_analysis_is_fast_and_precise():
+    """torch.compile clones every tensor its analysis says a user kernel writes, and the analysis
+    walks every dataflow path: the kernels must be analysable quickly, and never seem to write
+    their inputs (x, q, k, prior, boxes, grad_kept)."""
+    wrap = pytest.importorskip("torch._higher_order_ops.triton_kernel_wrap")
+    if not hasattr(wrap, "identify_accessed_tensors"):
+        pytest.skip("this torch has no identify_accessed_tensors")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "aclip_kernels.triton.compile_check", "--cc", "90",
+                           "--mutation-analysis"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    allowed = {"attentive_mask_fwd": {"kept", "idx", "scores", "logits"},  # scores/logits: own buffers
+               "attentive_mask_bwd": {"grad_x"}, "cls_attention": {"out", "logits"}}
+    assert {r["kernel"] for r in lines} == set(allowed)
+    for r in lines:
+        assert set(r["writes"]) <= allowed[r["kernel"]], r
+        assert r["seconds"] < 20, r
