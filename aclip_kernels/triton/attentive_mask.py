@@ -168,8 +168,8 @@ def _select_and_gather(x_row, kept_row, idx_row, map_row, box_row, sm1, sx1, sx2
 
 
 _FWD_CONFIGS = [triton.Config({"COPY_ROWS": r, "BLOCK_D": d}, num_warps=w)
-                for r, d, w in ((32, 256, 4), (8, 128, 4), (16, 128, 4), (8, 256, 4), (16, 256, 8),
-                                (32, 128, 8), (8, 512, 8), (4, 512, 4), (32, 256, 8))]
+                for r, d, w in ((32, 256, 4), (8, 256, 4), (16, 128, 4), (16, 256, 8), (8, 512, 8),
+                                (32, 128, 8))]
 
 
 @autotune(_FWD_CONFIGS, key=["N", "D"])
@@ -206,8 +206,7 @@ def _mask_fwd_kernel(x, kept, idx, scores, boxes, q, k, prior, logits,
 
 
 _BWD_CONFIGS = [triton.Config({"BLOCK_T": t, "BLOCK_D": d}, num_warps=w)
-                for t, d, w in ((32, 256, 4), (8, 128, 4), (16, 128, 4), (8, 256, 4), (16, 256, 8),
-                                (32, 128, 8), (4, 512, 4), (8, 512, 8))]
+                for t, d, w in ((32, 256, 4), (8, 256, 4), (16, 128, 4), (16, 256, 8), (8, 512, 8))]
 
 
 @autotune(_BWD_CONFIGS, key=["N", "D"])

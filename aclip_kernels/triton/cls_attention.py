@@ -68,8 +68,7 @@ def cls_attention_row(q_row, k_row, prior_row, out_row, logit_row, H, T, P, Dh,
         tl.store(out_row + offs_n, mean, mask=nmask)
 
 
-_CONFIGS = [triton.Config({"BLOCK_T": bt}, num_warps=w)
-            for bt, w in ((128, 4), (32, 2), (64, 4), (64, 8), (128, 8), (256, 8))]
+_CONFIGS = [triton.Config({"BLOCK_T": bt}, num_warps=w) for bt, w in ((128, 4), (32, 2), (64, 4), (256, 8))]
 
 
 @autotune(_CONFIGS, key=["N", "Dh"])

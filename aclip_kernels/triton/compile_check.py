@@ -173,6 +173,9 @@ def main(argv=None) -> int:
         for record in mutation_analysis(args.cc[-1]):
             print(json.dumps(record), flush=True)
         return 0
+    print(json.dumps({"autotune_configs": {"attentive_mask_fwd": len(am._mask_fwd_kernel.configs),
+                                           "attentive_mask_bwd": len(am._mask_bwd_kernel.configs),
+                                           "cls_attention": len(ca._cls_attention_kernel.configs)}}))
     ok = True
     for record in compile_all(args.cc, args.all_configs):
         ok &= record["ok"]
