@@ -142,15 +142,18 @@ def markdown(results: list, env: dict) -> str:
              f"torch {env['torch']}, {env['device']} ({env['cpu']}, {env['threads']} threads), fp32, "
              f"cls_attention backend `{env['cls_attention_backend']}`, {env['date']}", "",
              "| model | B | peak plain SDPA (MiB) | peak scorer (MiB) | peak explicit (MiB) | explicit/scorer memory "
+             "| extra over plain: scorer / explicit (MiB) "
              "| scorer/plain time | scorer/explicit time | (plain + isolated scoring)/plain |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         m = r["peak_bytes"]
         tp = f"{r['time_ratio_scorer_over_plain']:.3f}x" if "time_ratio_scorer_over_plain" in r else "-"
         te = f"{r['time_ratio_scorer_over_explicit']:.3f}x" if "time_ratio_scorer_over_explicit" in r else "-"
         ti = f"{r['time_ratio_isolated']:.3f}x" if "time_ratio_isolated" in r else "-"
         lines.append(f"| {r['model']} | {r['batch']} | {m['plain_sdpa'] / mib:.1f} | {m['scorer'] / mib:.1f} | "
-                     f"{m['explicit'] / mib:.1f} | {r['memory_ratio_explicit_over_scorer']:.2f}x | {tp} | {te} | {ti} |")
+                     f"{m['explicit'] / mib:.1f} | {r['memory_ratio_explicit_over_scorer']:.2f}x | "
+                     f"{(m['scorer'] - m['plain_sdpa']) / mib:.2f} / {(m['explicit'] - m['plain_sdpa']) / mib:.1f} | "
+                     f"{tp} | {te} | {ti} |")
     lines += ["", "Peak = live CPU allocations during the forward (torch.profiler, profile_memory), weights "
               "excluded. Times: minimum of interleaved rounds; ratios of minima. Explicit = the official "
               "A-CLIP EMA forward (every layer's [B, H, T, T] map kept, stacked, averaged). Isolated scoring = "

@@ -9,6 +9,8 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils._python_dispatch
+import torch.utils._pytree
 
 import aclip_kernels
 from aclip_kernels import EMAScorer, attentive_mask
@@ -81,6 +83,32 @@ def test_scores_match_explicit_attention(vit):
     assert torch.equal(output, plain)
     torch.testing.assert_close(ref_output, plain, rtol=1e-4, atol=1e-4)
     assert torch.equal(scorer(images), scores)
+
+
+class _Shapes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the shape of every tensor an aten op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.shapes.append(tuple(t.shape))
+        return out
+
+
+def test_no_attention_map_is_materialised(vit):
+    images = _images(batch=1, seed=5)
+    with _Shapes() as scorer_ops:
+        EMAScorer(vit)(images)
+    with _Shapes() as explicit_ops:
+        explicit_attention_scores(vit, images)
+    t = 197
+    assert not [s for s in scorer_ops.shapes if s[-2:] == (t, t)]
+    assert [s for s in explicit_ops.shapes if s[-2:] == (t, t)]          # the check can see maps
 
 
 def test_last_layer(vit):
