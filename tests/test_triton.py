@@ -103,6 +103,23 @@ def test_attentive_mask_extreme_scores(block, boxes, keep):
     assert_mask_matches_reference(kept, idx, inputs)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_score_dtypes_and_strides(dtype):
+    """Scores of any float dtype (rounded to float32 as the reference does) and strides; fused
+    q/k in float64 with a strided prior."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 1 + 36, 16, generator=g).to(DEVICE)
+    scores = torch.randn(2, 72, generator=g).to(dtype).to(DEVICE)[:, ::2]  # [2, 36], column stride 2
+    boxes = random_boxes(4, g).to(DEVICE)
+    inputs = dict(x=x, scores=scores, keep=0.5, grid=(6, 6), block=2, boxes=boxes)
+    assert_mask_matches_reference(*ak.attentive_mask(**inputs, backend="triton"), inputs)
+    q = torch.randn(2, 3, 8, generator=g, dtype=torch.float64).to(DEVICE)
+    k = torch.randn(2, 3, 1 + 36, 8, generator=g, dtype=torch.float64).to(DEVICE)
+    prior = torch.rand(36, 2, generator=g).to(DEVICE).t()
+    inputs = dict(x=x, q=q, k=k, prior=prior, keep=9, grid=(6, 6), boxes=boxes)
+    assert_mask_matches_reference(*ak.attentive_mask(**inputs, backend="triton"), inputs)
+
+
 @st.composite
 def _mask_problems(draw):
     block = draw(st.sampled_from([1, 2, 3]))

@@ -123,8 +123,8 @@ def _select_and_gather(x_row, kept_row, idx_row, map_row, box_row, sm1, sx1, sx2
     # (Runtime loops here and in the backward: unrolled, these chains would make torch.compile's
     # mutation analysis, which walks every path of the kernel's dataflow graph, take 2**steps.)
     th = tl.full((), 0, tl.int64)
-    for bit in range(31, -1, -1):
-        cand = th | (tl.full((), 1, tl.int64) << bit)
+    for step in range(32):
+        cand = th | (tl.full((), 1, tl.int64) << (31 - step))
         count = tl.sum(tl.sum((ukey >= cand).to(tl.int32), axis=1), axis=0)
         th = tl.where(count >= n_units, cand, th)
     above = ukey > th
