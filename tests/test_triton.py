@@ -6,7 +6,6 @@ while ``aclip_kernels.triton`` is imported (triton.jit reads it then) and during
 CUDA the same tests run on the GPU, plus the ``requires_cuda`` ones (full grid, torch.compile).
 """
 import os
-from dataclasses import replace
 
 import pytest
 import torch
