@@ -232,3 +232,34 @@ def test_fast_attention_wrappers_with_stub_packages(attn, kind, timm_vit, open_c
     assert (first - EMAScorer(vit, layers=[0])(images)).abs().max().item() <= ATOL
     tower, kind = _models.vision_tower(vit)
     assert all("forward" not in blk.attn.__dict__ for blk in _models.blocks(tower, kind))
+
+
+def test_dynamic_size_timm_and_non_square_grid():
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, dynamic_img_size=True, reg_tokens=2).eval()
+    _sharpen(model, "timm")
+    images = _images(seed=6)
+    scorer = EMAScorer(model, resolution=(112, 160))
+    scores = scorer(images)
+    assert scorer.grid == (7, 10) and scores.shape == (2, 70)
+    small = F.interpolate(images, size=(112, 160), mode="bilinear", align_corners=False, antialias=True)
+    assert (scores - explicit_attention_scores(model, small)).abs().max().item() <= ATOL
+    # a non-square score grid reaches the online grid through masking(score_grid=...)
+    online = aclip_kernels.patch_timm_vit(timm.create_model("vit_tiny_patch16_224", pretrained=False)).train()
+    seen = []
+    online.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    boxes = random_boxes(4, torch.Generator().manual_seed(1))
+    with torch.no_grad(), aclip_kernels.masking(online, scores=scores, boxes=boxes, keep=0.5, block=2,
+                                                score_grid=scorer.grid):
+        online(torch.randn(4, 3, 224, 224))
+    assert seen == [1 + 100]
+
+
+def test_autocast_bf16_scores_close(timm_vit, open_clip_vit):
+    images = _images(seed=7)
+    for vit in (timm_vit, open_clip_vit):            # the first block: bf16 rounding only, no drift
+        ref = EMAScorer(vit, layers=[0])(images)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            scores = EMAScorer(vit, layers=[0])(images)
+        assert scores.dtype == torch.float32
+        assert (scores - ref).abs().max().item() < 0.1 * ref.max().item()
