@@ -11,7 +11,6 @@ makes the loop write a checkpoint at the end of the current step and return.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -29,8 +28,8 @@ from .augment import make_transform
 from .data import make_eval_set, make_train_loader
 from .distributed import all_reduce_mean, all_reduce_sum, barrier, init_distributed
 from .evaluate import evaluate
-from .model import METHODS, TrainModel, build_clip, image_size_of
-from .optim import make_optimizer, make_scheduler
+from .model import METHODS
+from .step import apply_update, build_step, micro_step
 
 __all__ = ["TrainConfig", "NonFiniteLoss", "train", "CHECKPOINT"]
 
@@ -146,33 +145,15 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
 
 
 def _train(cfg: TrainConfig, info, micro: int) -> Dict[str, Any]:
-    from aclip_kernels import integrations as ak
     rank, world, device = info.rank, info.world_size, info.device
     os.makedirs(cfg.output_dir, exist_ok=True)
     path = os.path.join(cfg.output_dir, CHECKPOINT)
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    aclip = cfg.method in ("aclip", "aclip-eff")
 
-    # ---- model, EMA, scorer (same seed on every rank: identical initial weights)
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    clip, tokenizer = build_clip(cfg.model, cfg.image_size)
-    size = image_size_of(clip)
-    model = TrainModel(clip, cfg.method, cfg.ssl_dim, cfg.ssl_hidden, cfg.keep, cfg.block)
-    ema = scorer = None
-    if aclip:
-        ema = ak.make_ema(model.ema_source())          # before patching: the EMA keeps every token
-        scorer = ak.EMAScorer(ema.visual, layers=cfg.ema_layers,
-                              resolution=size // 2 if cfg.method == "aclip-eff" else None)
-    if cfg.method in ("flip", "aclip", "aclip-eff"):
-        ak.patch_open_clip(clip)
-    model.to(device)
-    if ema is not None:
-        ema.to(device)
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, tuple(cfg.betas))
-    warmup = cfg.warmup if cfg.warmup is not None else max(1, cfg.steps // 20)
-    scheduler = make_scheduler(optimizer, warmup, cfg.steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=False)   # bf16 needs no loss scaling
+    # ---- model, EMA, scorer, optimiser (same seed on every rank: identical initial weights)
+    trainer = build_step(cfg, device)
+    clip, tokenizer, size, model = trainer.clip, trainer.tokenizer, trainer.size, trainer.model
+    ema, scorer, optimizer, scheduler = trainer.ema, trainer.scorer, trainer.optimizer, trainer.scheduler
+    scaler = trainer.scaler
 
     # ---- resume
     step, data_pos, skipped_total = 0, 0, 0
@@ -233,9 +214,6 @@ def _train(cfg: TrainConfig, info, micro: int) -> Dict[str, Any]:
     step_times: List[float] = []
     status, steps_here, last_ckpt_step = "done", 0, step
 
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-
     bar = None
     if cfg.progress and rank == 0:
         from tqdm import tqdm
@@ -251,18 +229,8 @@ def _train(cfg: TrainConfig, info, micro: int) -> Dict[str, Any]:
                 batch = _to(next(batches), device)
                 data_pos += 1
                 skipped += batch.pop("skipped")
-                scores = target = None
-                if aclip:
-                    with torch.no_grad(), autocast():
-                        ema_feats, scores = scorer.forward_with_output(batch["ema"])
-                        target = ema.projector(ema_feats).float()
-                    scores = scores.float()
                 sync = m == cfg.accum - 1 or world == 1
-                ctx = contextlib.nullcontext() if sync or not hasattr(net, "no_sync") else net.no_sync()
-                with ctx:
-                    with autocast():
-                        out = net(batch, scores, target)
-                    (out["loss"] / cfg.accum).backward()
+                out = micro_step(trainer, net, batch, cfg.accum, no_sync=not sync and hasattr(net, "no_sync"))
                 for k, v in out.items():
                     terms[k] = terms.get(k, 0.0) + float(v.detach()) / cfg.accum
             keys = sorted(terms)
@@ -278,18 +246,7 @@ def _train(cfg: TrainConfig, info, micro: int) -> Dict[str, Any]:
                 raise NonFiniteLoss(f"non-finite loss {loss} at step {step + 1} ({cfg.method}, terms "
                                     f"{ {k: v for k, v in terms.items()} }); stopped before the "
                                     f"optimiser step; {where}")
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            with torch.no_grad():
-                clip.logit_scale.clamp_(0, math.log(100))
-            momentum = None
-            if aclip:
-                momentum = ak.cosine_momentum(step, cfg.steps, cfg.ema_momentum)
-                ak.ema_update_(ema, model.ema_source(), momentum)
+            lr, momentum = apply_update(trainer, step)
             step += 1
             steps_here += 1
             losses.append(loss)
