@@ -31,8 +31,31 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
+# `make bench`: every benchmark on this machine, results (JSON + markdown + plots) under $(BENCH_OUT):
+# the op sweep (3 ViT shapes x batch 64/256 x fp32/bf16 x fwd/fwd+bwd), cls_attention, the EMA
+# scorer, and the training-step table (ACLIP-Tiny at its demo batch; ViT-B-16 at a small batch).
+# About 25 minutes on 2 CPU cores. Size it down, e.g.:
+#   make bench BENCH_ROUNDS=2 BENCH_BATCHES=64 BENCH_STEP_ROUNDS=2 BENCH_VIT=0
+BENCH_OUT ?= benchmarks/results
+BENCH_DEVICE ?= cpu
+BENCH_ROUNDS ?= 3
+BENCH_BATCHES ?= 64,256
+BENCH_STEP_ROUNDS ?= 3
+BENCH_VIT ?= 1
+BENCH_VIT_BATCH ?= 4
+BENCH_VIT_SIZE ?= 224
+BENCH_THREADS ?= 1
+
 bench: install
-	$(PY) benchmarks/bench_mask.py
+	$(PY) benchmarks/bench_mask.py --sweep --device $(BENCH_DEVICE) --rounds $(BENCH_ROUNDS) --inner 1 \
+		--batches $(BENCH_BATCHES) --out $(BENCH_OUT)
+	$(PY) benchmarks/bench_cls_attention.py --device $(BENCH_DEVICE) --batch 64 --out $(BENCH_OUT)
+	$(PY) benchmarks/bench_scorer.py --repeats $(BENCH_ROUNDS)
+	$(PY) benchmarks/bench_step.py --device $(BENCH_DEVICE) --model ACLIP-Tiny --batch 64 \
+		--rounds $$(( 2 * $(BENCH_STEP_ROUNDS) )) --inner 2 --profile-steps 3 --threads $(BENCH_THREADS) --out $(BENCH_OUT)
+	if [ "$(BENCH_VIT)" != 0 ]; then $(PY) benchmarks/bench_step.py --device $(BENCH_DEVICE) --model ViT-B-16 \
+		--batch $(BENCH_VIT_BATCH) --image-size $(BENCH_VIT_SIZE) --rounds $(BENCH_STEP_ROUNDS) --warmup 1 \
+		--threads $(BENCH_THREADS) --out $(BENCH_OUT); fi
 
 clean:
 	rm -rf build $(VENV)/.built

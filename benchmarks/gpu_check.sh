@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # The one prepared GPU check, run on the lent H200 through the device tool (no internet there;
-# torch 2.11 + triton 3.6 preinstalled). In about 5 minutes it builds the package with its CUDA
-# kernels against that torch, runs the GPU tests, and the kernel benchmarks. Everything lands in
-# $OUT (default benchmarks/results/gpu-<date>): gpu_check.log plus JSON + markdown per benchmark.
+# torch 2.11 + triton 3.6 + timm preinstalled, no open_clip). In about 5-6 minutes it builds the
+# package with its CUDA kernels against that torch, runs the GPU tests, the kernel benchmarks and the
+# step-level table of the training loop (ViT-B-16, B=128, bf16; needs open_clip: carry its wheel,
+# `pip download --no-deps -d .whl open_clip_torch ftfy wcwidth`). Everything lands in $OUT (default
+# benchmarks/results/gpu-<date>), at most 8 files (the device returns no more): gpu_check.log, one
+# JSON per benchmark, the step plot, and summary.md (every benchmark's markdown, folded together).
 #
 #   device run:  bash benchmarks/gpu_check.sh        (timeout_s ~420; carry .whl for open_clip)
 #   smoke test on a CPU machine:  DEVICE=cpu OUT=/tmp/gpucheck bash benchmarks/gpu_check.sh
+#   skip the step table: STEP=0; its size: STEP_ARGS="--batch 64 --rounds 5"
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu-$(date -u +%Y%m%d)}
@@ -41,5 +45,29 @@ step "benchmarks"
 $PY benchmarks/bench_mask.py --device "$DEVICE" --dtype bf16 --images 256 --out "$OUT" || status=1
 $PY benchmarks/bench_mask.py --device "$DEVICE" --dtype fp32 --images 64 --out "$OUT" || status=1
 $PY benchmarks/bench_cls_attention.py --device "$DEVICE" --dtype bf16 --batch 256 --out "$OUT" || status=1
+
+step "step-level table (training loop, every method)"
+if [ "${STEP:-1}" = 0 ]; then
+  echo "skipped (STEP=0)"
+elif ! $PY -c "import open_clip" 2>/dev/null; then
+  echo "SKIPPED the step-level table: open_clip is not installed here, and the training loop's models are"
+  echo "open_clip's. Carry its wheels: pip download --no-deps -d .whl open_clip_torch ftfy wcwidth"
+else
+  if [ "$DEVICE" = cuda ]; then   # issue 7: ViT-B/16 at B=128, bf16 autocast, on the GPU
+    default_step="--model ViT-B-16 --batch 128 --precision bf16 --rounds 10 --warmup 3 --profile-steps 3"
+  else                            # the CPU smoke test of this script: the tiny test config
+    default_step="--model ACLIP-Test --batch 8 --rounds 2 --warmup 1"
+  fi
+  # shellcheck disable=SC2086
+  timeout 170 $PY benchmarks/bench_step.py --device "$DEVICE" ${STEP_ARGS:-$default_step} --out "$OUT" \
+    || { echo "step-level table FAILED or timed out"; status=1; }
+fi
+
+step "summary"   # fold the markdown into one file: the device returns at most 8 files
+summary="$OUT/summary.md"
+{ echo "# gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || echo "$DEVICE")"
+  for f in "$OUT"/*.md; do [ "$f" = "$summary" ] && continue; echo; echo "## $(basename "$f" .md)"; echo; cat "$f"; done
+} > "$summary.tmp" && for f in "$OUT"/*.md; do [ "$f" = "$summary" ] || rm -f "$f"; done && mv "$summary.tmp" "$summary"
+ls -l "$OUT"
 step "done (status $status)"
 exit $status
