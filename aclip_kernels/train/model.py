@@ -21,9 +21,10 @@ from torch import Tensor, nn
 
 from . import losses
 
-__all__ = ["METHODS", "register_model_configs", "build_clip", "MLPHead", "TrainModel"]
+__all__ = ["METHODS", "VIEWS", "MASKS", "LOSSES", "register_model_configs", "build_clip", "MLPHead", "TrainModel"]
 
 METHODS = ("clip", "flip", "aclip", "aclip-eff", "slip")
+VIEWS, MASKS, LOSSES = (1, 2), ("attentive", "random", "none"), ("full", "clip")
 CONFIG_DIR = pathlib.Path(__file__).with_name("model_configs")
 _registered = False
 
@@ -73,11 +74,13 @@ class TrainModel(nn.Module):
     """
 
     def __init__(self, clip: nn.Module, method: str, ssl_dim: int = 256, ssl_hidden: int = 1024,
-                 keep: float = 0.5, block: int = 2, simclr_tau: float = 0.1):
+                 keep: float = 0.5, block: int = 2, simclr_tau: float = 0.1, *, views: int = 2,
+                 mask: str = "attentive", loss: str = "full"):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"method={method!r} must be one of {METHODS}")
         self.method, self.keep, self.block, self.simclr_tau = method, keep, block, simclr_tau
+        self.set_variant(views, mask, loss)
         self.clip = clip
         embed = clip.visual.output_dim                               # the joint embedding size E
         if method in ("slip", "aclip", "aclip-eff"):
@@ -85,6 +88,24 @@ class TrainModel(nn.Module):
         if method in ("aclip", "aclip-eff"):
             self.byol_projector = MLPHead(embed, ssl_hidden, ssl_dim)
             self.byol_predictor = MLPHead(ssl_dim, ssl_hidden, ssl_dim)
+
+    def set_variant(self, views: int = 2, mask: str = "attentive", loss: str = "full") -> None:
+        """The masking-ablation variants of the aclip* forward (the defaults are A-CLIP as
+        published; other methods accept only the defaults). ``views``: 1 (view 1 only) or 2 online
+        views; ``mask``: "attentive" (EMA scores, box-aligned), "random" (uniform, same ``keep``
+        and ``block``) or "none" (every token); ``loss``: "full" (A-CLIP's losses; with one view
+        CLIP + 2 * BYOL, SimCLR needing two views) or "clip" (the CLIP term only, averaged over
+        the views)."""
+        if views not in VIEWS or mask not in MASKS or loss not in LOSSES:
+            raise ValueError(f"views={views!r}, mask={mask!r}, loss={loss!r}: expected views in {VIEWS}, "
+                             f"mask in {MASKS}, loss in {LOSSES}")
+        if self.method not in ("aclip", "aclip-eff") and (views, mask, loss) != (2, "attentive", "full"):
+            raise ValueError(f"views / mask / loss variants apply to aclip and aclip-eff, not {self.method!r}")
+        self.views, self.mask, self.loss = views, mask, loss
+
+    def needs_ema(self) -> bool:
+        """Whether the forward uses the EMA side (scores or BYOL targets)."""
+        return self.method in ("aclip", "aclip-eff") and (self.mask == "attentive" or self.loss == "full")
 
     def ema_source(self) -> nn.Module:
         """The modules the EMA encoder tracks (same names in the EMA copy)."""
@@ -119,6 +140,8 @@ class TrainModel(nn.Module):
 
         # aclip / aclip-eff: both online views in one pass, stacked view-major, attentive masking
         b = batch["view1"].shape[0]
+        if (self.views, self.mask, self.loss) != (2, "attentive", "full"):
+            return self._variant_forward(batch, scores, ema_target, text, scale)
         views = torch.cat([batch["view1"], batch["view2"]])
         with masking(clip, scores=scores, boxes=batch["boxes"], keep=self.keep,
                                    block=self.block):
@@ -131,4 +154,33 @@ class TrainModel(nn.Module):
         p = self.byol_predictor(self.byol_projector(image))
         out["byol"] = (losses.byol_loss(p[:b], ema_target) + losses.byol_loss(p[b:], ema_target)) / 2
         out["loss"] = 0.5 * out["clip1"] + 0.5 * out["clip2"] + out["simclr"] + 2 * out["byol"]
+        return out
+
+    def _variant_forward(self, batch, scores, ema_target, text, scale) -> Dict[str, Tensor]:
+        """The ablation variants (``set_variant``): 1 or 2 views, attentive / random / no mask,
+        full or CLIP-only loss. Random masking draws from torch's global generator."""
+        import contextlib
+        from aclip_kernels.integrations import masking
+        clip, b, v = self.clip, batch["view1"].shape[0], self.views
+        views = batch["view1"] if v == 1 else torch.cat([batch["view1"], batch["view2"]])
+        if self.mask == "attentive":
+            ctx = masking(clip, scores=scores, boxes=batch["boxes"][:v * b], keep=self.keep, block=self.block)
+        elif self.mask == "random":
+            ctx = masking(clip, mode="random", keep=self.keep, block=self.block)
+        else:
+            ctx = contextlib.nullcontext()
+        with ctx:
+            image = clip.encode_image(views)                          # [v*b, E]
+        out = {f"clip{i + 1}": losses.clip_loss(F.normalize(image[i * b:(i + 1) * b], dim=-1), text, scale)
+               for i in range(v)}
+        total = sum(out.values()) / v
+        if self.loss == "full":
+            if v == 2:
+                z = self.simclr_head(image)
+                out["simclr"] = losses.simclr_loss(z[:b], z[b:], self.simclr_tau)
+                total = total + out["simclr"]
+            p = self.byol_predictor(self.byol_projector(image))
+            out["byol"] = sum(losses.byol_loss(p[i * b:(i + 1) * b], ema_target) for i in range(v)) / v
+            total = total + 2 * out["byol"]
+        out["loss"] = total
         return out
