@@ -1,5 +1,5 @@
 """benchmarks/bench_step.py runs end to end on the tiny test config and writes its JSON, markdown and
-plot (one round: this checks that it works, not how fast anything is)."""
+plot (one round, one thread: this checks that it works, not how fast anything is)."""
 import json
 import runpy
 import sys
@@ -14,7 +14,7 @@ def test_bench_step_writes_json_markdown_and_plot(tmp_path, monkeypatch):
     pytest.importorskip("open_clip")
     pytest.importorskip("matplotlib")
     monkeypatch.setattr(sys, "argv", ["bench_step.py", "--model", "ACLIP-Test", "--batch", "4", "--rounds", "1",
-                                      "--warmup", "1", "--profile-steps", "1", "--device", "cpu",
+                                      "--warmup", "1", "--profile-steps", "1", "--device", "cpu", "--threads", "1",
                                       "--out", str(tmp_path), "--name", "s"])
     with pytest.raises(SystemExit) as done:
         runpy.run_path(str(ROOT / "benchmarks" / "bench_step.py"), run_name="__main__")
