@@ -213,7 +213,10 @@ def profile_step(runner: Runner, device, steps: int) -> dict:
             with record_function("bench/step"):
                 runner.step()
             synchronize(device)
-    events = list(prof.events())
+    # CPU-side events only: with CUDA activity, record_function ranges are mirrored as GPU annotations
+    # and kernels (whose C++ names may contain "aclip_kernels") are attached to the ops that launched them
+    cpu = torch.autograd.DeviceType.CPU
+    events = [e for e in prof.events() if getattr(e, "device_type", cpu) == cpu]
     step_us = sum(e.time_range.elapsed_us() for e in events if e.name == "bench/step")
     phases = {p: sum(e.time_range.elapsed_us() for e in events if e.name == f"step/{p}") / step_us for p in PHASES}
     masking = [e for e in events if _is_masking(e.name)]
