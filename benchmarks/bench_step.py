@@ -411,7 +411,7 @@ def markdown(result) -> str:
              f"{env['date']}, commit {env['git_commit']}. Medians of {cfg['rounds']} interleaved rounds "
              f"(x{cfg['inner']} steps, methods alternating, order rotating) after {cfg['warmup']} warm-up steps."
              + (f" {env['shared_machine']}" if env.get("shared_machine") else ""), "",
-             "| method | step ms (median) | time vs CLIP | paper | GFLOPs/step | FLOPs vs CLIP | peak MiB "
+             "| method | step ms: median (min-max) | time vs CLIP | paper | GFLOPs/step | FLOPs vs CLIP | peak MiB "
              "(persistent + step) | memory vs CLIP | step-alloc vs CLIP | masking share |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["results"]:
@@ -420,7 +420,7 @@ def markdown(result) -> str:
         fl = f"{r['flops'] / 1e9:.1f}" if "flops" in r else "-"
         flr = f"{r['flops_vs_clip']:.2f}x" if "flops_vs_clip" in r else "-"
         share = f"{r['masking_share']:.2%}" if "masking_share" in r else "-"
-        lines.append(f"| {r['method']} | {r['median_ms']:.1f} | {r.get('time_vs_clip', float('nan')):.2f}x | {paper} "
+        lines.append(f"| {r['method']} | {r['median_ms']:.1f} ({r['min_ms']:.0f}-{r['max_ms']:.0f}) | {r.get('time_vs_clip', float('nan')):.2f}x | {paper} "
                      f"| {fl} | {flr} | {m['total_peak'] / mib:.0f} ({m['persistent']['total'] / mib:.0f} + "
                      f"{m['step_peak'] / mib:.0f}) | {r.get('memory_vs_clip', float('nan')):.2f}x | "
                      f"{r.get('step_memory_vs_clip', float('nan')):.2f}x | {share} |")
