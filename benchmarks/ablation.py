@@ -87,6 +87,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="benchmarks/results/ablation_cpu",
                    help="output prefix: writes OUT.json, OUT.md, OUT.png")
     p.add_argument("--no-plot", dest="plot", action="store_false")
+    p.add_argument("--render-only", action="store_true",
+                   help="rewrite OUT.md / OUT.png from OUT.json (adding the object-scale check if missing)")
     return p.parse_args(argv)
 
 
@@ -238,6 +240,50 @@ def step_flops(a: dict, key: str) -> dict:
     return {"step_flops": int(fc.get_total_flops()), "ema_scoring_flops": int(ema)}
 
 
+@torch.no_grad()
+def object_scale_check(a: dict, scales=((0.35, 0.6), None), n: int = 256, draws: int = 4) -> List[dict]:
+    """Why the object scale: per scale (None: ``--object-scale``; (0.35, 0.6) is the dataset's
+    default), on view 1 of ``n`` val samples: the mean number of object patches per view, and how
+    often a random mask (same keep and block) keeps none / at most a quarter of them. No model."""
+    import aclip_kernels as ak
+    from aclip_kernels.train.augment import ThreeCrop, to_tensor
+    from aclip_kernels.train.data import sample_seed
+    from aclip_kernels.train.embedded import EmbeddedDataset
+    from aclip_kernels.train.model import build_clip, image_size_of
+    from aclip_kernels.train.visualize import object_fraction_kept
+    clip, _ = build_clip(a["model"])
+    size = image_size_of(clip)
+    patch = clip.visual.patch_size
+    grid = (size // (patch[0] if isinstance(patch, (tuple, list)) else patch),) * 2
+    out = []
+    for scale in scales:
+        scale = tuple(a["object_scale"]) if scale is None else tuple(scale)
+        ds = EmbeddedDataset("val", 2 * size, a["classes"], a["val_per_class"], object_scale=scale, seed=0)
+        m = min(n, len(ds))
+        t = ThreeCrop(size)
+        crops = [t(to_tensor(ds.image(i)), torch.Generator().manual_seed(sample_seed(0, 99, i)))["crops"][0].tolist()
+                 for i in range(m)]
+        inside, fr = [], []
+        for i, c in enumerate(crops):
+            top, left, h, w = c
+            oy, ox, oh, ow = [v * ds.image_size for v in ds.object_box(i)]
+            r = (np.arange(grid[0]) + 0.5) / grid[0] * h + top
+            cc = (np.arange(grid[1]) + 0.5) / grid[1] * w + left
+            inside.append(int(((r[:, None] >= oy) & (r[:, None] < oy + oh) & (cc[None] >= ox) & (cc[None] < ox + ow)).sum()))
+        tokens = torch.zeros(m, 1 + grid[0] * grid[1], 1)
+        for d in range(draws):
+            idx = ak.random_mask(tokens, a["keep"], grid=grid, block=a["block"],
+                                 generator=torch.Generator().manual_seed(d))[1]
+            fr += [f for i, c in enumerate(crops)
+                   if (f := object_fraction_kept(idx[i], c, ds.object_box(i), ds.image_size, grid)) is not None]
+        fr = np.array(fr)
+        out.append({"object_scale": list(scale), "object_patches_per_view": float(np.mean(inside)),
+                    "patches_per_view": grid[0] * grid[1], "views_without_object_patch": float(np.mean(np.array(inside) == 0)),
+                    "random_mask_keeps_none": float(np.mean(fr == 0)), "random_mask_keeps_at_most_quarter":
+                    float(np.mean(fr <= 0.25)), "random_mask_mean_kept": float(np.mean(fr))})
+    return out
+
+
 # ------------------------------------------------------------------------------------------------
 # aggregation and output
 
@@ -274,6 +320,11 @@ def aggregate(a: dict, runs: List[dict], flops: Dict[str, dict]) -> Dict[str, di
             mean, std = _ms([r.get(m) for r in rs])
             agg[m] = {"mean": mean, "std": std}
         agg.update(flops.get(key, {}))
+        # paired with the no-mask run of the same seed (same dataset classes, init, data order)
+        base = {r["seed"]: r for r in runs if r["setting"] == "none-1v"}
+        for m in ("zeroshot_top1", "i2t_r@1", "t2i_r@1"):
+            mean, std = _ms([r[m] - base[r["seed"]][m] for r in rs if r["seed"] in base])
+            agg[f"{m}_minus_no_mask"] = {"mean": mean, "std": std}
         out[key] = agg
     ref = flops.get("none-1v", {}).get("step_flops")
     for key, agg in out.items():
@@ -316,9 +367,31 @@ def markdown(result: dict) -> str:
         lines.append(f"| {s['label']} (n={len(s['seeds'])}) | {_pct(s['zeroshot_top1'])} | {_pct(s['i2t_r@1'])} | "
                      f"{_pct(s['t2i_r@1'])} | {_pct(s['object_patches_kept'])} | {step} | {wall} | {gf} | {rel} "
                      f"| {s['paper_in1k_zeroshot']} |")
+    lines += ["", "Paired with the no-mask run of the same seed (the seed also picks the embedded set's classes, "
+              "as in the training loop, so seeds differ in difficulty; the paired difference removes that):", "",
+              "| setting | Δ zero-shot top-1 (pts) | Δ i2t R@1 (pts) | Δ t2i R@1 (pts) |", "|---|---|---|---|"]
+    for key, s in result["settings"].items():
+        if key != "none-1v" and s.get("zeroshot_top1_minus_no_mask", {}).get("mean") is not None:
+            d = [s[f"{m}_minus_no_mask"] for m in ("zeroshot_top1", "i2t_r@1", "t2i_r@1")]
+            lines.append(f"| {s['label']} | " + " | ".join(f"{100 * x['mean']:+.1f} ± {100 * x['std']:.1f}" for x in d) + " |")
+    by = {(r["setting"], r["seed"]): r for r in result["runs"]}
+    for v in ("1v", "2v"):
+        pairs = [(by[("attentive-" + v, sd)], by[("random-" + v, sd)]) for sd in a["seeds"]
+                 if ("attentive-" + v, sd) in by and ("random-" + v, sd) in by]
+        if pairs:
+            d = [_ms([x[m] - y[m] for x, y in pairs]) for m in ("zeroshot_top1", "i2t_r@1", "t2i_r@1")]
+            lines.append(f"| attentive minus random, {v[0]} view{'s' if v == '2v' else ''} | "
+                         + " | ".join(f"{100 * mu:+.1f} ± {100 * sd:.1f}" for mu, sd in d) + " |")
+    if meta.get("wall_s"):
+        lines += ["", f"Whole table: {meta['wall_s'] / 60:.0f} min wall (FLOP counts + {len(result['runs'])} runs, "
+                  f"{a['jobs']} at a time); load average {tuple(round(x, 1) for x in meta.get('load_average_start') or ())} "
+                  f"at the start, {tuple(round(x, 1) for x in meta.get('load_average_end') or ())} at the end "
+                  "(the machine was shared with another engineer's benchmarks)."]
     chance = 100.0 / a["classes"]
     lines += ["", f"Chance: zero-shot and i2t R@1 {chance:.0f}% ({a['classes']} class names); t2i R@1 counts a hit "
-              "when the top image has the caption's class.", ""]
+              "when the top image has the caption's class (the val captions are the class names: t2i has "
+              f"{a['classes']} distinct queries, so it moves in steps of {chance:.0f} points). The paper column is "
+              "ImageNet-1K zero-shot of ViT-B/16 trained on YFCC-15M: only the ordering is comparable.", ""]
     att = [s for s in result["settings"].values() if s["mask"] == "attentive"]
     if att:
         lines += ["Object-patch fractions (the paper's mechanism), val samples, patch centre inside the emoji box:", ""]
@@ -327,6 +400,16 @@ def markdown(result: dict) -> str:
                          f"attentive (EMA at init) {_pct(s['object_patches_kept_attentive_at_init'])}, "
                          f"random on the same views {_pct(s['object_patches_kept_random_same_views'])}")
         lines.append("")
+    for c in result.get("object_scale_check", []):
+        lines.append(f"- object scale {c['object_scale']}{' (dataset default)' if c['object_scale'] == [0.35, 0.6] else ' (used)'}: "
+                     f"{c['object_patches_per_view']:.1f} of {c['patches_per_view']} patches per view are object; "
+                     f"a random {a['keep']:.0%} mask in {a['block']}x{a['block']} blocks keeps none of them in "
+                     f"{100 * c['random_mask_keeps_none']:.0f}% of views and at most a quarter in "
+                     f"{100 * c['random_mask_keeps_at_most_quarter']:.0f}%")
+    if result.get("object_scale_check"):
+        lines += ["", "The object scale is smaller than the dataset default so that which patches are kept matters: "
+                  "at the default scale the emoji covers about a third of a view and a random half-mask almost "
+                  "always leaves much of it visible.", ""]
     lines += ["Step time and wall time: 1 intra-op thread per run, "
               f"{a['jobs']} runs in parallel on a machine shared with other jobs; data loading "
               "(three-crop augmentation, also for 1-view settings) is inside the step time. FLOPs: one step, "
@@ -344,7 +427,10 @@ def plot(result: dict, path: str) -> None:
     labels = [result["settings"][k]["label"].replace(", ", "\n", 1) for k in keys]
     panels = [("zero-shot top-1 (%)", "zeroshot_top1"), ("i2t R@1 (%)", "i2t_r@1"), ("t2i R@1 (%)", "t2i_r@1"),
               ("object patches kept (%)", "object_patches_kept")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2))
+    fig, grid = plt.subplots(2, 3, figsize=(13, 8.4))
+    axes = list(grid.flat[:len(panels)]) + [grid.flat[len(panels)]]
+    for ax in grid.flat[len(panels) + 1:]:
+        ax.axis("off")
     colours = {"none": "0.6", "random": "tab:orange", "attentive": "tab:blue"}
     for ax, (title, m) in zip(axes, panels):
         x = np.arange(len(keys))
@@ -363,6 +449,20 @@ def plot(result: dict, path: str) -> None:
         ax.set_xticks(x)
         ax.set_xticklabels(labels, fontsize=6.5, rotation=30, ha="right")
         ax.set_title(title, fontsize=9)
+    ax = axes[-1]                                            # paired difference to no mask
+    base = {r["seed"]: r["zeroshot_top1"] for r in result["runs"] if r["setting"] == "none-1v"}
+    x = np.arange(len(keys))
+    d = [result["settings"][k].get("zeroshot_top1_minus_no_mask", {}) for k in keys]
+    ax.bar(x, [100 * (v.get("mean") or 0) for v in d], yerr=[100 * (v.get("std") or 0) for v in d], capsize=4,
+           color=[colours[result["settings"][k]["mask"]] for k in keys], alpha=0.8)
+    for i, k in enumerate(keys):
+        pts = [100 * (r["zeroshot_top1"] - base[r["seed"]]) for r in result["runs"]
+               if r["setting"] == k and r["seed"] in base]
+        ax.scatter([i] * len(pts), pts, color="k", s=10, zorder=3)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(x)
+    ax.set_xticklabels(labels, fontsize=6.5, rotation=30, ha="right")
+    ax.set_title("zero-shot minus no mask, same seed (pts)", fontsize=9)
     a = result["args"]
     fig.suptitle(f"A-CLIP masking ablation, embedded set, {a['model']}, {a['steps']} steps x {a['batch_size']}, "
                  f"seeds {a['seeds']} (mean ± std, dots: seeds){' — PARTIAL' if result['partial'] else ''}",
@@ -387,11 +487,26 @@ def write(result: dict, out: str, with_plot: bool) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     a = vars(args)
+    if a["render_only"]:
+        with open(a["out"] + ".json") as f:
+            result = json.load(f)
+        if "object_scale_check" not in result:
+            result["object_scale_check"] = object_scale_check(result["args"])
+        flops = {k: {f: v[f] for f in ("step_flops", "ema_scoring_flops") if f in v}
+                 for k, v in result["settings"].items()}
+        result["settings"] = aggregate(result["args"], result["runs"], flops)
+        result["meta"]["rendered"] = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                                      "command": "python benchmarks/ablation.py" + "".join(
+                                          " " + shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv))}
+        write(result, a["out"], a["plot"] and not result["partial"])
+        print(markdown(result))
+        return 0
     cmd = "python benchmarks/ablation.py" + ("".join(" " + shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv)))
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": machine(), "command": cmd,
             "load_average_start": os.getloadavg() if hasattr(os, "getloadavg") else None}
     t0 = time.time()
+    scale_check = object_scale_check(a, n=min(256, a["measure"]) or 16)
     flops = {}
     for key in a["settings"]:
         flops[key] = step_flops(a, key)
@@ -403,7 +518,8 @@ def main(argv=None) -> int:
     def snapshot(partial: bool):
         result = {"meta": dict(meta, wall_s=time.time() - t0,
                                load_average_end=os.getloadavg() if hasattr(os, "getloadavg") else None),
-                  "args": a, "partial": partial, "settings": aggregate(a, runs, flops),
+                  "args": a, "partial": partial, "object_scale_check": scale_check,
+                  "settings": aggregate(a, runs, flops),
                   "runs": sorted(runs, key=lambda r: (list(SETTINGS).index(r["setting"]), r["seed"]))}
         write(result, a["out"], a["plot"] and not partial)
         return result
