@@ -34,6 +34,11 @@ FLOPs of one training step (``torch.utils.flop_counter`` over EMA scoring + forw
 
     python benchmarks/ablation.py                         # the committed table (3 seeds)
     python benchmarks/ablation.py --seeds 0 --steps 2 --out /tmp/abl   # smoke run
+    python benchmarks/ablation.py --render-only                         # rewrite .md / .png from .json
+    python benchmarks/ablation.py --render-only --merge A.json B.json --out C   # pool seeds of two runs
+
+Every run's seed also picks the embedded set's classes (as ``--seed`` does in the training loop), so
+seeds differ in difficulty; the table therefore also gives differences paired by seed.
 """
 from __future__ import annotations
 
@@ -89,6 +94,8 @@ def parse_args(argv=None):
     p.add_argument("--no-plot", dest="plot", action="store_false")
     p.add_argument("--render-only", action="store_true",
                    help="rewrite OUT.md / OUT.png from OUT.json (adding the object-scale check if missing)")
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="with --render-only: pool the runs of these result files (same settings, other seeds) into OUT")
     return p.parse_args(argv)
 
 
@@ -295,6 +302,10 @@ def _ms(values: List[float]):
     return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
 
 
+MERGE_KEYS = ("model", "steps", "batch_size", "settings", "keep", "block", "object_scale", "classes",
+              "samples_per_class", "val_per_class", "measure", "full_losses", "threads")
+
+
 def machine() -> dict:
     cpu = platform.processor()
     try:
@@ -347,7 +358,11 @@ def markdown(result: dict) -> str:
              f"torch {meta['machine']['torch']} · fp32",
              "",
              f"Command: `{meta['command']}`",
-             "",
+             ""]
+    for m in meta.get("merged", []):
+        lines += [f"Pooled with the runs of `{m['command']}` ({m['date']}, "
+                  f"{(m.get('wall_s') or 0) / 60:.0f} min wall).", ""]
+    lines += [
              f"Model {a['model']}, {a['steps']} AdamW steps of batch {a['batch_size']} per run, "
              f"seeds {a['seeds']}, {a['classes']} classes x {a['samples_per_class']} train images, "
              f"val {a['classes']} x {a['val_per_class']}, object scale {a['object_scale']} of the image side, "
@@ -488,8 +503,21 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     a = vars(args)
     if a["render_only"]:
-        with open(a["out"] + ".json") as f:
+        with open(a["merge"][0] if a["merge"] else a["out"] + ".json") as f:
             result = json.load(f)
+        for path in (a["merge"] or [])[1:]:
+            with open(path) as f:
+                other = json.load(f)
+            differ = [k for k in MERGE_KEYS if other["args"][k] != result["args"][k]]
+            if differ:
+                raise SystemExit(f"--merge: {path} differs in {differ}")
+            seen = {(r["setting"], r["seed"]) for r in result["runs"]}
+            result["runs"] += [r for r in other["runs"] if (r["setting"], r["seed"]) not in seen]
+            result["args"]["seeds"] = sorted(set(result["args"]["seeds"]) | set(other["args"]["seeds"]))
+            result["partial"] = result["partial"] or other["partial"]
+            result["meta"].setdefault("merged", []).append(
+                {"from": path, "date": other["meta"]["date"], "command": other["meta"]["command"],
+                 "wall_s": other["meta"].get("wall_s")})
         if "object_scale_check" not in result:
             result["object_scale_check"] = object_scale_check(result["args"])
         flops = {k: {f: v[f] for f in ("step_flops", "ema_scoring_flops") if f in v}

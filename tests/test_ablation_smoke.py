@@ -31,3 +31,8 @@ def test_ablation_runs_end_to_end(tmp_path):
     assert result["meta"]["command"].startswith("python benchmarks/ablation.py")
     assert "| setting |" in (tmp_path / "abl.md").read_text()
     assert (tmp_path / "abl.png").stat().st_size > 1000
+    # re-render and pool (the same file twice: its runs are not duplicated)
+    assert ablation.main(["--render-only", "--merge", str(out) + ".json", str(out) + ".json",
+                          "--out", str(tmp_path / "pooled"), "--no-plot"]) == 0
+    pooled = json.loads((tmp_path / "pooled.json").read_text())
+    assert len(pooled["runs"]) == 5 and pooled["settings"]["none-1v"]["seeds"] == [0]
