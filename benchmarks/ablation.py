@@ -398,7 +398,9 @@ def markdown(result: dict) -> str:
             lines.append(f"| attentive minus random, {v[0]} view{'s' if v == '2v' else ''} | "
                          + " | ".join(f"{100 * mu:+.1f} ± {100 * sd:.1f}" for mu, sd in d) + " |")
     if meta.get("wall_s"):
-        lines += ["", f"Whole table: {meta['wall_s'] / 60:.0f} min wall (FLOP counts + {len(result['runs'])} runs, "
+        own = len(result["runs"]) - sum(m.get("runs", 0) for m in meta.get("merged", []))
+        lines += ["", f"{'First command' if meta.get('merged') else 'Whole table'}: {meta['wall_s'] / 60:.0f} min wall "
+                  f"(FLOP counts + {own} runs, "
                   f"{a['jobs']} at a time); load average {tuple(round(x, 1) for x in meta.get('load_average_start') or ())} "
                   f"at the start, {tuple(round(x, 1) for x in meta.get('load_average_end') or ())} at the end "
                   "(the machine was shared with another engineer's benchmarks)."]
@@ -512,12 +514,13 @@ def main(argv=None) -> int:
             if differ:
                 raise SystemExit(f"--merge: {path} differs in {differ}")
             seen = {(r["setting"], r["seed"]) for r in result["runs"]}
-            result["runs"] += [r for r in other["runs"] if (r["setting"], r["seed"]) not in seen]
+            added = [r for r in other["runs"] if (r["setting"], r["seed"]) not in seen]
+            result["runs"] += added
             result["args"]["seeds"] = sorted(set(result["args"]["seeds"]) | set(other["args"]["seeds"]))
             result["partial"] = result["partial"] or other["partial"]
             result["meta"].setdefault("merged", []).append(
                 {"from": path, "date": other["meta"]["date"], "command": other["meta"]["command"],
-                 "wall_s": other["meta"].get("wall_s")})
+                 "wall_s": other["meta"].get("wall_s"), "runs": len(added)})
         if "object_scale_check" not in result:
             result["object_scale_check"] = object_scale_check(result["args"])
         flops = {k: {f: v[f] for f in ("step_flops", "ema_scoring_flops") if f in v}
