@@ -13,7 +13,7 @@ import torch
 
 from ._library import compiled_backends
 
-__all__ = ["time_interleaved", "environment", "synchronize"]
+__all__ = ["time_interleaved", "environment", "synchronize", "cpu_peak_bytes"]
 
 
 def synchronize(device) -> None:
@@ -58,3 +58,19 @@ def environment(device) -> dict:
             "torch": torch.__version__, "triton": triton_version, "python": platform.python_version(),
             "device": f"{device.type}: {name}", "threads": torch.get_num_threads(),
             "compiled_backends": list(compiled_backends()), "git_commit": commit}
+
+
+def cpu_peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak bytes of live CPU allocations made while ``fn()`` runs (torch.profiler memory events;
+    what existed before the call is not counted)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+        del out
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak

@@ -31,6 +31,7 @@ import torch
 
 import aclip_kernels
 from aclip_kernels import EMAScorer
+from aclip_kernels.benchmarking import cpu_peak_bytes
 from aclip_kernels.integrations.explicit import explicit_attention_scores
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -60,17 +61,7 @@ def variants(model):
 
 def peak_memory(fn, images) -> int:
     """Peak bytes of live CPU allocations made during ``fn(images)`` (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn(images)
-        del out
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
+    return cpu_peak_bytes(lambda: fn(images))
 
 
 def measure(kind: str, batch: int, repeats: int, memory_only: bool) -> dict:

@@ -47,7 +47,7 @@ from typing import Dict, List
 
 import torch
 
-from aclip_kernels.benchmarking import environment, synchronize
+from aclip_kernels.benchmarking import cpu_peak_bytes, environment, synchronize
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("clip", "flip", "aclip", "aclip-eff", "slip")
@@ -136,16 +136,7 @@ def step_peak_bytes(runner: Runner, device) -> int:
         runner.step()
         synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        runner.step()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
+    return cpu_peak_bytes(runner.step)
 
 
 def step_flops(runner: Runner) -> int:
