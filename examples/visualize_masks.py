@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from skimage import data
 
 import aclip_kernels as ak
+from aclip_kernels.train.visualize import kept_pixels
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", default="masks.png")
@@ -51,10 +52,7 @@ with torch.no_grad(), ak.masking(model, mode="random", keep=0.5, block=2) as ran
 
 
 def greyed(img, idx):
-    keep = torch.zeros(196, dtype=torch.bool)
-    keep[idx] = True
-    keep = keep.view(1, 1, 14, 14).float()
-    keep = F.interpolate(keep, size=(224, 224), mode="nearest")[0]
+    keep = torch.from_numpy(kept_pixels(idx, (14, 14), (224, 224))).float()
     return (img * keep + 0.5 * (1 - keep)).permute(1, 2, 0).numpy()
 
 

@@ -18,7 +18,7 @@ import torch
 from .augment import MEAN, STD, SingleView, make_transform, to_tensor
 from .data import make_source, sample_seed
 
-__all__ = ["save_mask_png", "object_fraction_kept"]
+__all__ = ["save_mask_png", "object_fraction_kept", "kept_pixels"]
 
 
 def _show(img: torch.Tensor) -> np.ndarray:
@@ -26,16 +26,20 @@ def _show(img: torch.Tensor) -> np.ndarray:
     return (img.cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
 
 
-def _dim(img: np.ndarray, idx: torch.Tensor, grid: Tuple[int, int]) -> np.ndarray:
+def kept_pixels(idx: torch.Tensor, grid: Tuple[int, int], size: Tuple[int, int]) -> np.ndarray:
+    """[H, W] bool: True on the pixels of the kept patches (idx: kept positions on the grid)."""
     hg, wg = grid
-    ph, pw = img.shape[0] // hg, img.shape[1] // wg
     keep = np.zeros(hg * wg, bool)
     keep[idx.cpu().numpy()] = True
-    out = img.copy()
-    for p in np.flatnonzero(~keep):
-        r, c = divmod(int(p), wg)
-        out[r * ph:(r + 1) * ph, c * pw:(c + 1) * pw] = out[r * ph:(r + 1) * ph, c * pw:(c + 1) * pw] * 0.15
-    return out
+    ph, pw = size[0] // hg, size[1] // wg
+    pixels = np.ones(tuple(size), bool)             # pixels past the last whole patch stay as they are
+    pixels[:hg * ph, :wg * pw] = keep.reshape(hg, wg).repeat(ph, axis=0).repeat(pw, axis=1)
+    return pixels
+
+
+def _dim(img: np.ndarray, idx: torch.Tensor, grid: Tuple[int, int]) -> np.ndarray:
+    keep = kept_pixels(idx, grid, img.shape[:2])
+    return np.where(keep[..., None], img, img * 0.15)
 
 
 def object_fraction_kept(idx: torch.Tensor, crop, obj_box, src_size: int, grid) -> Optional[float]:
