@@ -50,7 +50,7 @@ bench: install
 	$(PY) benchmarks/bench_mask.py --sweep --device $(BENCH_DEVICE) --rounds $(BENCH_ROUNDS) --inner 1 \
 		--batches $(BENCH_BATCHES) --out $(BENCH_OUT)
 	$(PY) benchmarks/bench_cls_attention.py --device $(BENCH_DEVICE) --batch 64 --out $(BENCH_OUT)
-	$(PY) benchmarks/bench_scorer.py --repeats $(BENCH_ROUNDS)
+	$(PY) benchmarks/bench_scorer.py --device $(BENCH_DEVICE) --repeats $(BENCH_ROUNDS) --micro-batch 4 --out $(BENCH_OUT)
 	$(PY) benchmarks/bench_step.py --device $(BENCH_DEVICE) --model ACLIP-Tiny --batch 64 \
 		--rounds $$(( 2 * $(BENCH_STEP_ROUNDS) )) --inner 2 --profile-steps 3 --threads $(BENCH_THREADS) --out $(BENCH_OUT)
 	if [ "$(BENCH_VIT)" != 0 ]; then $(PY) benchmarks/bench_step.py --device $(BENCH_DEVICE) --model ViT-B-16 \

@@ -13,7 +13,7 @@ import torch
 
 from ._library import compiled_backends
 
-__all__ = ["time_interleaved", "environment", "synchronize", "cpu_peak_bytes"]
+__all__ = ["time_interleaved", "environment", "synchronize", "cpu_peak_bytes", "peak_bytes"]
 
 
 def synchronize(device) -> None:
@@ -74,3 +74,18 @@ def cpu_peak_bytes(fn: Callable[[], object]) -> int:
         live += e.nbytes()
         peak = max(peak, live)
     return peak
+
+
+def peak_bytes(fn: Callable[[], object], device) -> int:
+    """Peak bytes allocated while ``fn()`` runs, on top of what was live before: the caching
+    allocator's peak on CUDA, ``cpu_peak_bytes`` on the CPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return cpu_peak_bytes(fn)
+    synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    out = fn()
+    synchronize(device)
+    del out
+    return torch.cuda.max_memory_allocated(device) - before

@@ -47,7 +47,7 @@ from typing import Dict, List
 
 import torch
 
-from aclip_kernels.benchmarking import cpu_peak_bytes, environment, synchronize
+from aclip_kernels.benchmarking import environment, peak_bytes, synchronize
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("clip", "flip", "aclip", "aclip-eff", "slip")
@@ -129,14 +129,7 @@ def time_rounds(runners: Dict[str, Runner], device, rounds: int, warmup: int, in
 
 def step_peak_bytes(runner: Runner, device) -> int:
     """Peak bytes allocated by one step on top of what was live before it."""
-    if device.type == "cuda":
-        synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        runner.step()
-        synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    return cpu_peak_bytes(runner.step)
+    return peak_bytes(runner.step, device)
 
 
 def step_flops(runner: Runner) -> int:

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The one prepared GPU check, run on the lent H200 through the device tool (no internet there;
 # torch 2.11 + triton 3.6 + timm preinstalled, no open_clip). In about 5-6 minutes it builds the
-# package with its CUDA kernels against that torch, runs the GPU tests, the kernel benchmarks and the
-# step-level table of the training loop (ViT-B-16, B=128, bf16; needs open_clip: carry its wheel,
-# `pip download --no-deps -d .whl open_clip_torch ftfy wcwidth`). Everything lands in $OUT (default
+# package with its CUDA kernels against that torch, runs the GPU tests, the kernel benchmarks, the EMA
+# scorer benchmark and the step-level table of the training loop (ViT-B-16, B=128, bf16). The step
+# table and the scorer's open_clip row need open_clip: carry its wheels,
+# `pip download --no-deps -d .whl open_clip_torch ftfy wcwidth`. Everything lands in $OUT (default
 # benchmarks/results/gpu-<date>), at most 8 files (the device returns no more): gpu_check.log, one
 # JSON per benchmark, the step plot, and summary.md (every benchmark's markdown, folded together).
 #
@@ -45,6 +46,13 @@ step "benchmarks"
 $PY benchmarks/bench_mask.py --device "$DEVICE" --dtype bf16 --images 256 --out "$OUT" || status=1
 $PY benchmarks/bench_mask.py --device "$DEVICE" --dtype fp32 --images 64 --out "$OUT" || status=1
 $PY benchmarks/bench_cls_attention.py --device "$DEVICE" --dtype bf16 --batch 256 --out "$OUT" || status=1
+# issue 5: EMA scorer vs plain SDPA vs explicit maps, ViT-B/16 (on the GPU B=64 bf16, + micro-batches of 16)
+scorer_models=timm; $PY -c "import open_clip" 2>/dev/null && scorer_models="timm open_clip"
+if [ "$DEVICE" = cuda ]; then default_scorer="--dtype bf16 --batch 64 --micro-batch 16 --repeats 5"
+else default_scorer="--batch 4 --micro-batch 2 --repeats 1"; fi
+# shellcheck disable=SC2086
+$PY benchmarks/bench_scorer.py --device "$DEVICE" ${SCORER_ARGS:-$default_scorer} --models $scorer_models \
+  --out "$OUT" || status=1
 
 step "step-level table (training loop, every method)"
 if [ "${STEP:-1}" = 0 ]; then

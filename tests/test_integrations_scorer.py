@@ -146,6 +146,29 @@ def test_reduced_resolution(vit, option):
     _same_selection(scores.view(2, 7, 7), ref.view(2, 7, 7), views=2, boxes=boxes)
 
 
+def test_micro_batch(vit):
+    """micro_batch=2 on 5 images: each micro-batch is the model's own forward (bit for bit), the
+    scores equal the full batch's within ATOL with the same selections, and the peak memory is that
+    of a 2-image forward."""
+    from aclip_kernels.benchmarking import cpu_peak_bytes
+    images = _images(batch=5, seed=4)
+    scorer = EMAScorer(vit, micro_batch=2)
+    output, scores = scorer.forward_with_output(images)
+    full_output, full = EMAScorer(vit).forward_with_output(images)
+    assert scores.shape == (5, 196) and scorer.grid == (14, 14)
+    assert (scores - full).abs().max().item() <= ATOL
+    _same_selection(scores, full)
+    parts = [EMAScorer(vit).forward_with_output(chunk) for chunk in images.split(2)]
+    assert torch.equal(scores, torch.cat([sc for _, sc in parts]))
+    assert torch.equal(output, torch.cat([out for out, _ in parts]))
+    torch.testing.assert_close(output, full_output, rtol=1e-4, atol=1e-4)
+    if not hasattr(vit, "visual"):          # memory once (timm): B=8 in micro-batches of 2
+        eight = _images(batch=8, seed=6)
+        peak_micro = cpu_peak_bytes(lambda: EMAScorer(vit, micro_batch=2)(eight))
+        peak_full = cpu_peak_bytes(lambda: EMAScorer(vit)(eight))
+        assert peak_micro <= 0.4 * peak_full, (peak_micro, peak_full)
+
+
 def test_bad_arguments(timm_vit):
     with pytest.raises(ValueError, match="layers"):
         EMAScorer(timm_vit, layers="first")
@@ -157,6 +180,9 @@ def test_bad_arguments(timm_vit):
         EMAScorer(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="images"):
         EMAScorer(timm_vit)(torch.randn(3, 224, 224))
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="micro_batch"):
+            EMAScorer(timm_vit, micro_batch=bad)
 
 
 # --- flash-attn / xFormers ------------------------------------------------------------------------

@@ -18,7 +18,7 @@ Scores are the mean over the scored layers and all heads of softmax(q_cls k^T * 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -106,6 +106,11 @@ class EMAScorer:
     ``resolution`` (int or (H, W)) or ``downsample`` (a factor > 1): the EMA sees images resized to
     that size, with positional embeddings interpolated ("efficient" A-CLIP); the score grid then
     differs from the online grid. ``backend`` is passed to ``cls_attention``.
+    ``micro_batch`` (int): run the forward on at most that many images at a time. The peak
+    activation memory is then that of a ``micro_batch`` forward, whatever the batch: the scores
+    need only their [B, N] buffer, so nothing but the (small) outputs outlives a micro-batch.
+    Each image's scores and output are the model's own for that micro-batch (equal to the
+    full-batch ones up to the GEMM's batch-size-dependent rounding).
 
     ``scorer(images)`` -> scores [B, N] float32, ``forward_with_output(images)`` ->
     (model output, scores); ``scorer.grid`` is the (Hs, Ws) score grid of the last call.
@@ -113,7 +118,8 @@ class EMAScorer:
     """
 
     def __init__(self, model: nn.Module, layers: Union[str, Sequence[int]] = "all", attn: str = "sdpa",
-                 resolution=None, *, downsample: Optional[float] = None, backend: Optional[str] = None):
+                 resolution=None, *, downsample: Optional[float] = None, backend: Optional[str] = None,
+                 micro_batch: Optional[int] = None):
         self.model = model
         self.tower, self.kind = _models.vision_tower(model)
         if self.kind != TIMM and self.tower is not model:
@@ -139,6 +145,10 @@ class EMAScorer:
         self.prefix = _models.num_prefix_tokens(self.tower, self.kind)
         self.patch = _models.patch_size(self.tower, self.kind)
         self.backend = backend
+        if micro_batch is not None and (isinstance(micro_batch, bool) or not isinstance(micro_batch, int)
+                                        or micro_batch <= 0):
+            raise ValueError(f"micro_batch={micro_batch!r} must be a positive int or None")
+        self.micro_batch = micro_batch
         self.grid: Optional[Tuple[int, int]] = None
 
     def _input_size(self, images: Tensor) -> Tuple[int, int]:
@@ -169,9 +179,19 @@ class EMAScorer:
         if not isinstance(images, Tensor) or images.dim() != 4:
             raise ValueError(f"images must be [B, 3, H, W]; got {getattr(images, 'shape', type(images).__name__)}")
         size = self._input_size(images)
+        grid = (size[0] // self.patch[0], size[1] // self.patch[1])
+        if self.micro_batch is None or images.shape[0] <= self.micro_batch:
+            output, scores = self._score(images, size, grid)
+        else:
+            parts = [self._score(chunk, size, grid) for chunk in images.split(self.micro_batch)]
+            output = _concat([out for out, _ in parts])
+            scores = torch.cat([sc for _, sc in parts])
+        self.grid = grid
+        return output, scores
+
+    def _score(self, images: Tensor, size: Tuple[int, int], grid: Tuple[int, int]):
         if size != tuple(images.shape[-2:]):
             images = F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
-        grid = (size[0] // self.patch[0], size[1] // self.patch[1])
         acc = _Accumulator(self.prefix, self.backend)
         with torch.no_grad(), self._hooks(acc), _models.input_grid(self.tower, self.kind, grid), \
                 fast_attention(self.attentions, self.kind, self.kernel):
@@ -183,7 +203,6 @@ class EMAScorer:
         if scores.shape[1] != grid[0] * grid[1]:
             raise RuntimeError(f"the model saw {scores.shape[1]} patch tokens, not the {grid} grid of its "
                                "input; put the EMA model in eval mode (patch dropout must be off)")
-        self.grid = grid
         return output, scores
 
     def __call__(self, images: Tensor) -> Tensor:
@@ -192,4 +211,16 @@ class EMAScorer:
 
     def __repr__(self) -> str:
         return (f"EMAScorer({type(self.tower).__name__} [{self.kind}], layers={self.layer_indices}, "
-                f"attn={self.attn!r}, resolution={self.resolution}, downsample={self.downsample})")
+                f"attn={self.attn!r}, resolution={self.resolution}, downsample={self.downsample}, "
+                f"micro_batch={self.micro_batch})")
+
+
+def _concat(outputs: list):
+    """Joins the per-micro-batch model outputs (a tensor, or a tuple / list of tensors) along dim 0."""
+    first = outputs[0]
+    if isinstance(first, Tensor):
+        return torch.cat(outputs)
+    if isinstance(first, (tuple, list)) and all(isinstance(t, Tensor) for t in first):
+        return type(first)(torch.cat(ts) for ts in zip(*outputs))
+    raise TypeError(f"micro_batch: cannot join model outputs of type {type(first).__name__}; "
+                    "use micro_batch=None")
