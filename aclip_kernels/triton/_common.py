@@ -12,6 +12,47 @@ import triton.language as tl
 # triton.jit reads TRITON_INTERPRET when a kernel is defined, so this is fixed at import as well.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
+
+def _fix_interpreter_index() -> None:
+    """Triton <= 3.6's interpreter turns a scalar into an index with ``int(array_of_one)``, which
+    numpy >= 2.4 rejects, so ``range(runtime_arg)`` in a kernel fails (triton-lang/triton#9171,
+    fixed in later Triton with ``.squeeze()``). When the installed interpreter has that bug, wrap its
+    tensor patching to convert with ``.item()``; otherwise leave Triton alone."""
+    import types
+
+    import numpy as np
+    from triton.runtime import interpreter
+
+    patch_tensor, scope_cls = (getattr(interpreter, "_patch_lang_tensor", None),
+                               getattr(interpreter, "_LangPatchScope", None))
+    if patch_tensor is None or scope_cls is None:
+        return
+    scope = scope_cls()
+    try:  # probe the interpreter's own conversion on a one-element array
+        patch_tensor(tl.tensor, scope)
+        index = tl.tensor.__index__
+    except Exception:  # an interpreter this shim does not know: leave it alone
+        return
+    finally:
+        scope.restore()
+    try:
+        index(types.SimpleNamespace(handle=types.SimpleNamespace(data=np.zeros(1, np.int32))))
+        return  # this Triton/numpy pair converts one-element arrays
+    except TypeError:
+        pass
+    except Exception:
+        return
+
+    def _patch_lang_tensor(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    interpreter._patch_lang_tensor = _patch_lang_tensor
+
+
+if INTERPRET:
+    _fix_interpreter_index()
+
 try:  # torch >= 2.6
     from torch.library import triton_op, wrap_triton
 except ImportError:  # pragma: no cover - older torch: a plain custom op around direct launches
