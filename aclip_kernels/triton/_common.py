@@ -2,6 +2,8 @@
 and the torch.library registration shim."""
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
 from typing import Optional
 
@@ -62,11 +64,32 @@ except ImportError:  # pragma: no cover - older torch: a plain custom op around 
         return kernel
 
 
+@contextlib.contextmanager
+def _schema_honoured(schema: str):
+    """Older torch's ``triton_op`` (2.11, for one) ignores its ``schema`` argument and infers a schema
+    from the type annotations (``int`` -> ``SymInt``; fixed by pytorch/pytorch#188722): make that
+    inference return ``schema``. Newer torch uses ``schema`` and never calls it, so nothing changes there."""
+    try:
+        module = importlib.import_module("torch._library.triton")
+    except ImportError:
+        module = None
+    original = getattr(module, "infer_schema", None)
+    if original is None:
+        yield
+        return
+    module.infer_schema = lambda *args, **kwargs: schema
+    try:
+        yield
+    finally:
+        module.infer_schema = original
+
+
 def register_op(name: str, schema: str):
     """``torch.library.triton_op`` with an explicit schema (the csrc/ops.cpp one), or a custom op."""
     def dec(fn):
         if triton_op is not None:
-            return triton_op(name, mutates_args=(), schema=schema)(fn)
+            with _schema_honoured(schema):
+                return triton_op(name, mutates_args=(), schema=schema)(fn)
         return torch.library.custom_op(name, mutates_args=(), schema=schema)(fn)
     return dec
 
