@@ -134,8 +134,8 @@ def dummy(like: torch.Tensor, t: Optional[torch.Tensor]) -> torch.Tensor:
 # would flush denormals, as Triton compiles libdevice with FTZ); elsewhere plain operators.
 @triton.jit
 def _ptx_binary(op: tl.constexpr, a, b):
-    a = a.to(tl.float32)
-    b = b.to(tl.float32)
+    a = tl.cast(a, tl.float32)  # not a.to(): torch 2.11's mutation analysis passes float arguments as
+    b = tl.cast(b, tl.float32)  # Python constants, which have no .to()
     return tl.inline_asm_elementwise(op + " $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32,
                                      is_pure=True, pack=1)
 

@@ -142,8 +142,16 @@ def _compile_one(kernel_name, kernel, variant, runtime, consts, config, cc) -> D
 def mutation_analysis(cc: int) -> Iterator[Dict]:
     """The tensors torch.compile's Triton mutation analysis thinks each variant writes (what it
     would clone); it walks every dataflow path of the kernel's TTIR, so it also guards against
-    kernels whose analysis never finishes."""
-    from torch._higher_order_ops.triton_kernel_wrap import identify_accessed_tensors
+    kernels whose analysis never finishes. Older torch (2.11) has ``identify_mutated_tensors``
+    instead, which returns the written names (and every tensor argument if the analysis fails)."""
+    from torch._higher_order_ops import triton_kernel_wrap as wrap
+
+    if hasattr(wrap, "identify_accessed_tensors"):
+        def writes(kernel, kwargs):
+            return [dep.name for dep in wrap.identify_accessed_tensors(kernel, kwargs, {}).read_writes.writes]
+    else:
+        def writes(kernel, kwargs):
+            return wrap.identify_mutated_tensors(kernel, kwargs, {})
 
     class _Target:  # the analysis asks the active driver for the target; there is no GPU here
         def get_current_target(self):
@@ -153,9 +161,8 @@ def mutation_analysis(cc: int) -> Iterator[Dict]:
     for kernel_name, kernel, variant, runtime, constexprs, _ in variants():
         kwargs = dict(zip(kernel.fn.arg_names, runtime), **constexprs)
         start = time.time()
-        accesses = identify_accessed_tensors(kernel, kwargs, {})
-        yield dict(kernel=kernel_name, variant=variant, cc=cc,
-                   writes=sorted(dep.name for dep in accesses.read_writes.writes),
+        written = writes(kernel, kwargs)
+        yield dict(kernel=kernel_name, variant=variant, cc=cc, writes=sorted(written),
                    seconds=round(time.time() - start, 2))
 
 
