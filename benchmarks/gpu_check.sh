@@ -44,7 +44,11 @@ $PY -m aclip_kernels.info
 
 status=0
 step "GPU tests"
-timeout 240 $PY -m pytest -q -p no:cacheprovider -x tests/test_cuda.py tests/test_triton.py \
+# on the GPU every Triton variant is JIT-compiled once (empty cache on a fresh machine): spread the
+# tests over processes when pytest-xdist is there (the H200 image has it)
+parallel=""; [ "$DEVICE" = cuda ] && $PY -c "import xdist" 2>/dev/null && parallel="-n 8"
+# shellcheck disable=SC2086
+timeout 240 $PY -m pytest -q -p no:cacheprovider -x $parallel tests/test_cuda.py tests/test_triton.py \
   tests/test_parity_cpu.py || status=1
 
 step "benchmarks"
