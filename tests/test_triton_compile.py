@@ -1,7 +1,8 @@
 """Every Triton kernel variant the library launches compiles to cubin for sm_80 and sm_90 on this
 GPU-less machine (``python -m aclip_kernels.triton.compile_check``, in a subprocess without
-TRITON_INTERPRET and with an empty Triton cache), and the selection arithmetic compiles to
-explicitly rounded, non-FTZ float32 instructions with no FMA."""
+TRITON_INTERPRET and with an empty Triton cache, arguments specialised as a launch specialises
+them), the selection arithmetic compiles to explicitly rounded, non-FTZ float32 instructions with no
+FMA, and the row copies are 16-byte vector accesses."""
 import json
 import os
 import subprocess
@@ -60,6 +61,16 @@ def test_selection_arithmetic_is_exactly_rounded(records):
         assert r["fma"] == 0 and r["ftz"] == 0, r
         if "boxes" in r["variant"] or "coarse" in r["variant"]:
             assert r["mul_rn"] > 0, r  # the alignment uses explicit mul.rn.f32
+
+
+def test_row_copies_are_16_byte_vector_accesses(records):
+    """Compiled as a launch specialises them (unit inner stride, 16-divisible widths, strides and
+    pointers), the forward's prefix + kept-row copy and the backward's row writes use 16-byte
+    global loads and stores (``ld/st.global.v4``), the wide copies the bandwidth targets need."""
+    mask = [r for r in records[0] if r["kernel"] in ("attentive_mask_fwd", "attentive_mask_bwd")]
+    assert mask
+    for r in mask:
+        assert r["ld_v4"] > 0 and r["st_v4"] > 0, r
 
 
 def test_torch_compile_mutation_analysis_is_fast_and_precise():

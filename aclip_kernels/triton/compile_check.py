@@ -3,7 +3,8 @@ architectures, without a GPU: ``triton.compile(ASTSource(...), target=GPUTarget(
 
     python -m aclip_kernels.triton.compile_check --cc 80 90      (TRITON_INTERPRET must be unset)
 
-prints one JSON line per compiled variant (kernel, variant, cc, config, ok, error, fma count).
+prints one JSON line per compiled variant (kernel, variant, cc, config, ok, error, counts of FMA,
+mul.rn and ftz instructions, and of 16-byte global loads / stores).
 The variants are built from real launch arguments (``forward_launch`` etc.), so their signatures
 are the ones a launch would produce.
 """
@@ -32,27 +33,32 @@ _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
 MASK_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _arg_type(value) -> str:
-    if isinstance(value, torch.Tensor):
-        return "*" + _DTYPES[value.dtype]
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"unsupported kernel argument {value!r}")
-
-
 def _source(kernel, runtime: tuple, constexprs: dict) -> ASTSource:
+    """The ASTSource a launch with ``runtime`` arguments would compile: each argument specialised
+    the way ``JITFunction.run`` does it (Triton's own ``specialize_impl``): ints equal to 1 become
+    constexprs, and ints and data pointers divisible by 16 carry ``tt.divisibility`` (what lets the
+    row copies become 16-byte vector accesses)."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.nvidia.compiler import CUDABackend
+
     fn = kernel.fn  # the JITFunction under the autotuner
-    names = fn.arg_names
-    signature = {}
-    for name, value in zip(names, runtime):
-        signature[name] = _arg_type(value)
-    for name in names[len(runtime):]:
+    signature, consts, attrs = {}, dict(constexprs), {}
+    for i, (param, value) in enumerate(zip(fn.params, runtime)):
+        annotation = param.annotation_type if isinstance(param.annotation_type, str) else ""
+        if annotation == "u1" or annotation[:2] in ("fp", "bf"):
+            signature[param.name] = annotation          # the JIT does not specialise these
+            continue
+        kind, desc = native_specialize_impl(CUDABackend, value, param.is_const, not param.do_not_specialize,
+                                            not param.do_not_specialize_on_alignment)
+        if kind == "constexpr":
+            signature[param.name], consts[param.name] = "constexpr", desc
+            continue
+        signature[param.name] = annotation or kind
+        if isinstance(desc, str):
+            attrs[(i,)] = CUDABackend.parse_attr(desc)
+    for name in fn.arg_names[len(runtime):]:
         signature[name] = "constexpr"
-    return ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    return ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
 
 
 def _mask_variant(dtype, block, boxes, coarse=False, fused=False, prior=False):
@@ -131,6 +137,8 @@ def _compile_one(kernel_name, kernel, variant, runtime, consts, config, cc) -> D
         ptx = compiled.asm["ptx"]
         record.update(ok=True, cubin_bytes=len(compiled.asm["cubin"]), fma=ptx.count("fma.rn.f32"),
                       mul_rn=ptx.count("mul.rn.f32"),
+                      # 16-byte global accesses (the row copies); Triton packs 16-bit elements in b32
+                      ld_v4=ptx.count("ld.global.v4."), st_v4=ptx.count("st.global.v4."),
                       # flushing denormals changes results; floor (of a clamped pix >= 0) cannot
                       ftz=ptx.count(".ftz") - ptx.count("cvt.rmi.ftz.f32.f32"))
     except Exception as exc:  # reported; the caller fails on it
