@@ -15,8 +15,8 @@ images to bf16 (not autocast, whose cache of cast weights would count as activat
     pytest benchmarks/bench_scorer.py                       # B=16 (timm) on the CPU, with the asserts
 
 ``--micro-batch M`` adds a fourth variant, ``EMAScorer(model, micro_batch=M)``: the same forward M
-images at a time, whose peak is that of an M-image forward (the scores need only their [B, N]
-buffer across micro-batches, which explicit attention cannot offer without re-running its maps).
+images at a time, whose peak is that of an M-image forward (only the [B, N] scores outlive a
+micro-batch), against the official explicit forward over the whole batch.
 
 Asserts: explicit / scorer peak memory >= 5x. Reported (targets, not asserted on a noisy shared CPU):
 scorer / plain time <= 1.05x, scorer faster than explicit, explicit / micro-batched scorer memory
