@@ -2,6 +2,7 @@
 # they create (or reuse) .venv, install the pinned dependencies and build the package.
 PYTHON ?= python3
 VENV ?= .venv
+REQUIREMENTS ?= requirements/dev.txt
 PY := $(VENV)/bin/python
 SITE := $(shell $(PYTHON) -c "import sys; print(f'python{sys.version_info[0]}.{sys.version_info[1]}')")
 CUDA_HOME ?= /usr/local/cuda
@@ -11,16 +12,17 @@ export CPATH := $(CURDIR)/$(VENV)/lib/$(SITE)/site-packages/nvidia/cu13/include$
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 export PATH := $(CUDA_HOME)/bin:$(PATH)
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-torch211 bench clean
 
-$(VENV)/.deps: requirements/dev.txt
+$(VENV)/.deps: $(REQUIREMENTS) requirements/base.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements/dev.txt
+	$(PY) -m pip install -q -r $(REQUIREMENTS)
 	touch $@
 
+# BUILD_DIR: a CMake build folder of its own for a second venv (another torch) in the same tree
 $(VENV)/.built: $(VENV)/.deps pyproject.toml CMakeLists.txt $(shell find csrc -type f) aclip_kernels/_build_info.py.in
-	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(if $(BUILD_DIR),SKBUILD_BUILD_DIR=$(BUILD_DIR) )$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
 install: $(VENV)/.built
@@ -30,6 +32,12 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# The whole suite again on the oldest supported versions (torch 2.11 / triton 3.6, what the GPU
+# machine has), in .venv-torch211 with its own build folder; the CUDA kernels for sm_90 only.
+test-torch211:
+	$(MAKE) test VENV=.venv-torch211 REQUIREMENTS=requirements/torch211.txt BUILD_DIR=build/torch211 \
+		TORCH_CUDA_ARCH_LIST=9.0
 
 # `make bench`: every benchmark on this machine, results (JSON + markdown + plots) under $(BENCH_OUT):
 # the op sweep (3 ViT shapes x batch 64/256 x fp32/bf16 x fwd/fwd+bwd), cls_attention, the EMA
