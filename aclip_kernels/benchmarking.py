@@ -64,7 +64,7 @@ def cpu_peak_bytes(fn: Callable[[], object]) -> int:
     """Peak bytes of live CPU allocations made while ``fn()`` runs (torch.profiler memory events;
     what existed before the call is not counted)."""
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, acc_events=True) as prof:
         out = fn()
         del out
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
