@@ -18,6 +18,7 @@ from aclip_kernels.benchmarking import environment, time_interleaved
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 RESULTS = Path(__file__).resolve().parent / "results"
+SDPA_SHARE_TARGET = 0.05        # the Triton issue: cls_attention costs at most 5% of the layer's SDPA
 
 
 def main(argv=None) -> int:
@@ -58,7 +59,15 @@ def main(argv=None) -> int:
     text = "\n".join([f"cls_attention vs one layer's attention, B={args.batch}, H={args.heads}, T={args.tokens}, "
                       f"Dh={args.head_dim}, {args.dtype}; {env['device']}, torch {env['torch']}, {env['date']}", "",
                       "| method | median ms | vs SDPA layer |", "|---|---:|---:|"]
-                     + [f"| {r['method']} | {r['median_ms']:.3f} | {r['fraction_of_sdpa']:.3f} |" for r in rows]) + "\n"
+                     + [f"| {r['method']} | {r['median_ms']:.3f} | {r['fraction_of_sdpa']:.3f} |" for r in rows])
+    kernels = [r for r in rows if r["method"].startswith("cls_attention[") and r["method"] != "cls_attention[torch]"]
+    result["targets"] = [{"target": f"{r['method']} <= {SDPA_SHARE_TARGET:.0%} of the layer's SDPA time",
+                          "measured": f"{r['fraction_of_sdpa']:.1%}", "met": r["fraction_of_sdpa"] <= SDPA_SHARE_TARGET}
+                         for r in kernels]
+    if result["targets"]:
+        text += "\n\nTargets: " + "; ".join(f"{t['target']}: {t['measured']} — **{'met' if t['met'] else 'missed'}**"
+                                           for t in result["targets"]) + "."
+    text += "\n"
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -29,3 +29,19 @@ def test_benchmark_scripts_write_json_and_markdown(tmp_path, monkeypatch, script
     assert done.value.code == 0
     result = json.loads((tmp_path / f"{stem}.json").read_text())
     assert result["environment"]["torch"] and (tmp_path / f"{stem}.md").read_text().count("|") > 10
+
+
+def test_bench_mask_reports_the_gpu_targets_met_or_missed():
+    bench = runpy.run_path(str(ROOT / "benchmarks" / "bench_mask.py"))
+    rows = [("attentive_mask[triton]", 0.100, 2700.0), ("attentive_mask[cuda]", 0.120, 2900.0),
+            ("published A-CLIP pipeline", 0.600, 1.0), ("timm-style argsort+gather", 0.230, 1.0)]
+    result = {"pass": "fwd", "results": [{"method": m, "median_ms": t, "GB_per_s": g} for m, t, g in rows]}
+    verdicts = {t["target"]: (t["measured"], t["met"]) for t in bench["targets"](result, 4.3)}
+    assert verdicts["triton: >= 60% of 4.3 TB/s HBM"] == ("62.8%", True)
+    assert verdicts["cuda: >= 70% of 4.3 TB/s HBM"] == ("67.4%", False)
+    assert verdicts["triton: >= 5x faster than published A-CLIP pipeline"] == ("6.00x", True)
+    assert verdicts["triton: >= 2x faster than timm-style argsort+gather"] == ("2.30x", True)
+    assert verdicts["cuda: >= 2x faster than timm-style argsort+gather"] == ("1.92x", False)
+    assert verdicts["cuda time <= 1.10x triton's"] == ("1.20x", False)
+    assert not any("HBM" in t["target"] for t in bench["targets"](result, None))   # unknown GPU: no share
+    assert bench["targets"](dict(result, **{"pass": "fwd+bwd"}), 4.3) == []
