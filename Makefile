@@ -12,7 +12,7 @@ export CPATH := $(CURDIR)/$(VENV)/lib/$(SITE)/site-packages/nvidia/cu13/include$
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 export PATH := $(CUDA_HOME)/bin:$(PATH)
 
-.PHONY: install demo test test-torch211 bench clean
+.PHONY: install demo test test-torch211 lint bench clean
 
 $(VENV)/.deps: $(REQUIREMENTS) requirements/base.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# pyflakes-level errors (unused or undefined names, syntax) in everything that is Python
+lint: $(VENV)/.deps
+	$(PY) -m ruff check --select F,E9 aclip_kernels benchmarks tests examples
 
 # The whole suite again on the oldest supported versions (torch 2.11 / triton 3.6, what the GPU
 # machine has), in .venv-torch211 with its own build folder; the CUDA kernels for sm_90 only.

@@ -5,7 +5,6 @@ with two attentively masked views and the EMA visual tower scoring the full imag
 """
 import open_clip
 import torch
-import torch.nn.functional as F
 
 import aclip_kernels as ak
 

@@ -1,6 +1,5 @@
 """ema_update_ against a per-tensor loop (parameters and buffers), cosine_momentum, make_ema."""
 import copy
-import math
 
 import pytest
 import torch

@@ -5,7 +5,6 @@ import tarfile
 import unicodedata
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 

@@ -11,8 +11,6 @@ written), 2 for a non-finite loss (the last good checkpoint is left as it was).
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import sys
 import time
 

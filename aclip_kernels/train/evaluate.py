@@ -11,7 +11,7 @@ classes, reported beside the chance level 1 / C.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -128,7 +128,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     if cfg.method not in METHODS:
         raise ValueError(f"--method {cfg.method!r} must be one of {METHODS}")
     info = init_distributed(cfg.device)
-    rank, world, device = info.rank, info.world_size, info.device
+    world, device = info.world_size, info.device
     if cfg.batch_size % (cfg.accum * world):
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by accum ({cfg.accum}) x "
                          f"world size ({world})")
