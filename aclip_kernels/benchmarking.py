@@ -13,7 +13,7 @@ import torch
 
 from ._library import compiled_backends
 
-__all__ = ["time_interleaved", "environment", "synchronize", "cpu_peak_bytes", "peak_bytes"]
+__all__ = ["time_interleaved", "environment", "synchronize", "cpu_peak_bytes", "peak_bytes", "targets_line"]
 
 
 def synchronize(device) -> None:
@@ -89,3 +89,9 @@ def peak_bytes(fn: Callable[[], object], device) -> int:
     synchronize(device)
     del out
     return torch.cuda.max_memory_allocated(device) - before
+
+
+def targets_line(targets) -> str:
+    """One markdown line for [{target, measured, met}]: each target with its measurement, met or missed."""
+    return "Targets: " + "; ".join(f"{t['target']}: {t['measured']} — **{'met' if t['met'] else 'missed'}**"
+                                   for t in targets) + "."

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import aclip_kernels as ak
-from aclip_kernels.benchmarking import environment, time_interleaved
+from aclip_kernels.benchmarking import environment, targets_line, time_interleaved
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -65,8 +65,7 @@ def main(argv=None) -> int:
                           "measured": f"{r['fraction_of_sdpa']:.1%}", "met": r["fraction_of_sdpa"] <= SDPA_SHARE_TARGET}
                          for r in kernels]
     if result["targets"]:
-        text += "\n\nTargets: " + "; ".join(f"{t['target']}: {t['measured']} — **{'met' if t['met'] else 'missed'}**"
-                                           for t in result["targets"]) + "."
+        text += "\n\n" + targets_line(result["targets"])
     text += "\n"
     print(text)
     out = Path(args.out)

@@ -31,7 +31,7 @@ import torch
 
 import aclip_kernels as ak
 from aclip_kernels.baselines import aclip_published_mask, flat_row_indices, index_select_floor, timm_style_mask
-from aclip_kernels.benchmarking import environment, time_interleaved
+from aclip_kernels.benchmarking import environment, targets_line, time_interleaved
 from aclip_kernels.testing import random_boxes
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -158,8 +158,7 @@ def markdown(results, env: dict) -> str:
         lines += [f"| {row['method']} | {row['median_ms']:.3f} | {row['GB_per_s']:.1f} | {row['time_vs_fused']:.2f}x |"
                   for row in r["results"]]
         if r.get("targets"):
-            lines += ["", "Targets: " + "; ".join(f"{t['target']}: {t['measured']} — **{'met' if t['met'] else 'missed'}**"
-                                                for t in r["targets"]) + "."]
+            lines += ["", targets_line(r["targets"])]
         lines.append("")
     return "\n".join(lines)
 

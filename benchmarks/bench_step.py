@@ -127,11 +127,6 @@ def time_rounds(runners: Dict[str, Runner], device, rounds: int, warmup: int, in
     return samples
 
 
-def step_peak_bytes(runner: Runner, device) -> int:
-    """Peak bytes allocated by one step on top of what was live before it."""
-    return peak_bytes(runner.step, device)
-
-
 def step_flops(runner: Runner) -> int:
     from torch.utils.flop_counter import FlopCounterMode
     with FlopCounterMode(display=False) as counter:
@@ -251,7 +246,7 @@ def measure(args) -> dict:
                "min_ms": min(samples[m]) * 1e3, "max_ms": max(samples[m]) * 1e3,
                "samples_ms": [s * 1e3 for s in samples[m]]}
         pers = persistent_bytes(r.state, r.batch)
-        peak = step_peak_bytes(r, device)
+        peak = peak_bytes(r.step, device)   # one step, on top of what was live before it
         row["memory_bytes"] = {"persistent": pers, "step_peak": peak, "total_peak": pers["total"] + peak}
         if not args.no_flops:
             row["flops"] = step_flops(r)

@@ -28,10 +28,6 @@ from ._common import INTERPRET, next_pow2
 am = importlib.import_module(".attentive_mask", __package__)
 ca = importlib.import_module(".cls_attention", __package__)
 
-_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
-           torch.int64: "i64", torch.int32: "i32"}
-MASK_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
 
 def _source(kernel, runtime: tuple, constexprs: dict) -> ASTSource:
     """The ASTSource a launch with ``runtime`` arguments would compile: each argument specialised
