@@ -11,6 +11,7 @@ U selection units (patches, or b x b blocks of them).
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Tuple
 
 import torch
@@ -31,10 +32,11 @@ __all__ = [
 
 
 def num_keep_units(keep, num_units: int) -> int:
-    """The number of units kept: an int is a count, a float in (0, 1] a fraction of ``num_units``."""
-    if isinstance(keep, float):
-        return max(1, min(num_units, int(keep * num_units + 0.5)))
-    return int(keep)
+    """The number of units kept: an integer (Python or numpy) is a count, any other real number in
+    (0, 1] a fraction of ``num_units``."""
+    if isinstance(keep, numbers.Integral):
+        return int(keep)
+    return max(1, min(num_units, int(float(keep) * num_units + 0.5)))
 
 
 def cls_attention_ref(q: Tensor, k: Tensor, num_prefix_tokens: int = 1,

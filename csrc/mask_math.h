@@ -37,7 +37,7 @@ ACLIP_HD SampleCoord sample_coord(float origin, float extent, int cell, int cell
   const float pos = ACLIP_ADD(origin, ACLIP_MUL(centre, extent));
   float pix = ACLIP_SUB(ACLIP_MUL(pos, static_cast<float>(size)), 0.5f);
   const float top = static_cast<float>(size - 1);
-  pix = pix < 0.f ? 0.f : (pix > top ? top : pix);
+  pix = pix > 0.f ? (pix < top ? pix : top) : 0.f;  // border clamp; a NaN (from a non-finite box) to 0
   const float lo = floorf(pix);
   SampleCoord c;
   c.lo = static_cast<int>(lo);

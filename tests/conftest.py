@@ -1,9 +1,141 @@
-"""Session setup. Without a GPU, Triton kernels can only run in the interpreter, and triton.jit
-reads TRITON_INTERPRET when a kernel module is imported: set it before any test module imports
-aclip_kernels.triton, whatever the collection order."""
-import os
+"""Session setup and the native test builds.
 
+Without a GPU, Triton kernels can only run in the interpreter, and triton.jit reads TRITON_INTERPRET
+when a kernel module is imported: set it before any test module imports aclip_kernels.triton,
+whatever the collection order.
+
+The native test builds compile csrc/ again with g++ under their own op namespaces, so that they load
+next to the installed ``aclip_kernels._C``: the CUDA kernels under the emulated CUDA execution model
+of tests/cuda_emulation (``aclip_kernels_emu``, CPU tensors), and the C++ CPU kernels
+(``aclip_kernels_native``). With ACLIP_ASAN=1 (set by the AddressSanitizer runs, which preload the
+sanitizer runtime) both are built with -fsanitize=address.
+"""
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
+EMULATION = ROOT / "tests" / "cuda_emulation"
+CUDA_INCLUDE = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
+CXX = os.environ.get("CXX", "c++")
+ASAN = os.environ.get("ACLIP_ASAN") == "1"
+
+_LAUNCH = (r"(\w+)<<<(.*?)>>>\(", r"::emu::launch(\1, ::emu::Config(\2), ")
+_SHARED = (r"extern __shared__ (?:__align__\((\d+)\) )?(\w[\w ]*?) (\w+)\[\];",
+           lambda m: f"{m[2]}* {m[3]} = ::emu::dynamic_shared<{m[2]}, {m[1] or 16}>();")
+
+
+def _namespace(ns: str, dispatch_key: str = "CPU") -> List[Tuple[str, str]]:
+    return [(r"TORCH_LIBRARY\(aclip_kernels,", f"TORCH_LIBRARY({ns},"),
+            (rf"TORCH_LIBRARY_IMPL\(aclip_kernels, {dispatch_key},", f"TORCH_LIBRARY_IMPL({ns}, CPU,")]
+
+
+# name: {source: [(pattern, replacement), ...]}, each pattern must match; sources without rewrites: []
+_BUILDS: Dict[str, Dict[str, list]] = {
+    "aclip_kernels_emu": {
+        "cuda/attentive_mask.cu": [_LAUNCH, _SHARED],
+        "cuda/cls_attention.cu": [_LAUNCH, _SHARED],
+        "cuda/ops_cuda.cpp": [(r"\.is_cuda\(\)", ".is_cpu()"), _namespace("aclip_kernels_emu", "CUDA")[1]],
+        "ops.cpp": _namespace("aclip_kernels_emu")[:1],
+    },
+    "aclip_kernels_native": {
+        "cpu/attentive_mask.cpp": _namespace("aclip_kernels_native")[1:],
+        "cpu/cls_attention.cpp": _namespace("aclip_kernels_native")[1:],
+        "ops.cpp": _namespace("aclip_kernels_native")[:1],
+    },
+}
+
+
+@dataclass(frozen=True)
+class NativeOps:
+    """A native test build: ``ops`` its op namespace (torch.ops.<name>), ``library`` the shared
+    object, for a child process to load with torch.ops.load_library."""
+    name: str
+    library: Path
+
+    @property
+    def ops(self):
+        return getattr(torch.ops, self.name)
+
+
+def _sources(name: str) -> List[str]:
+    """Copies of the sources, rewritten, under build/<name>/src (written only when they change, so
+    that ninja reuses the objects)."""
+    sources = []
+    for source, rewrites in _BUILDS[name].items():
+        path = CSRC / source
+        text = path.read_text()
+        for pattern, replacement in rewrites:
+            text, found = re.subn(pattern, replacement, text)
+            assert found, f"{path} no longer matches {pattern!r}; update tests/conftest.py"
+        prelude = '#include "cuda_emulation.h"\n' if source.endswith(".cu") else ""
+        text = f'{prelude}#line 1 "{path}"\n{text}'
+        out = ROOT / "build" / name / "src" / Path(source).with_suffix(".cpp")
+        if not out.exists() or out.read_text() != text:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text)
+        sources.append(str(out))
+    return sources
+
+
+def build_native(name: str) -> NativeOps:
+    """Builds (or reuses) and loads the native test build ``name``; skips where it cannot be built."""
+    from torch.utils import cpp_extension
+    if shutil.which(CXX) is None or not cpp_extension.is_ninja_available():
+        pytest.skip("needs a C++ compiler and ninja")
+    includes = [str(CSRC), str(CSRC / "cpu"), str(CSRC / "cuda")]
+    if name == "aclip_kernels_emu":
+        if not (CUDA_INCLUDE / "cuda_fp16.h").exists():
+            pytest.skip(f"needs the CUDA headers ({CUDA_INCLUDE})")
+        includes = [str(EMULATION / "include"), str(EMULATION)] + includes + [str(CUDA_INCLUDE)]
+    build = ROOT / "build" / name / f"torch-{torch.__version__}{'-asan' if ASAN else ''}"
+    build.mkdir(parents=True, exist_ok=True)
+    sanitize = ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"] if ASAN else []
+    cpp_extension.load(name=name, sources=_sources(name), build_directory=str(build), is_python_module=False,
+                       extra_cflags=["-O2", "-ffp-contract=off"] + sanitize, extra_ldflags=sanitize,
+                       extra_include_paths=includes)
+    return NativeOps(name, build / f"{name}.so")
+
+
+@pytest.fixture(scope="session")
+def emulated_cuda():
+    """The CUDA kernels of csrc/cuda on the CPU (``aclip_kernels_emu``), built on first use."""
+    return build_native("aclip_kernels_emu")
+
+
+@pytest.fixture(scope="session")
+def native_cpu():
+    """The C++ CPU kernels built again as ``aclip_kernels_native`` (with ASan in the ASan runs)."""
+    return build_native("aclip_kernels_native")
+
+
+@pytest.fixture(scope="session")
+def run_under_asan():
+    """``run(*test_files)``: pytest on the files in a child process whose native test builds are
+    built with -fsanitize=address, asserting that it passes (no out-of-bounds access to any tensor).
+    The child preloads the sanitizer runtime, and libstdc++ so that it can intercept C++ throws
+    (TORCH_CHECK); it runs with -s so that a sanitizer report reaches its stderr."""
+    runtimes = [subprocess.run([CXX, f"-print-file-name={lib}"], capture_output=True, text=True).stdout.strip()
+                for lib in ("libasan.so", "libstdc++.so")]
+    if not all(os.path.isabs(path) for path in runtimes):
+        pytest.skip(f"{CXX} has no AddressSanitizer runtime")
+    env = dict(os.environ, LD_PRELOAD=" ".join(runtimes), ASAN_OPTIONS="detect_leaks=0", ACLIP_ASAN="1")
+
+    def run(*test_files) -> None:
+        child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
+                                *map(str, test_files)], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-5000:]
+        assert " passed" in child.stdout.splitlines()[-1], child.stdout[-2000:]
+    return run

@@ -3,8 +3,10 @@ and is raised before any kernel runs."""
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -33,9 +35,24 @@ def check_same_device(reference_name: str, reference: Tensor, **others: Optional
                              "all tensors must be on one device")
 
 
+def check_int(name: str, value) -> int:
+    """An integer of any kind (Python, numpy), never a bool -> int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int; got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
+def check_real(name: str, value) -> float:
+    """A finite real number of any kind (Python, numpy), never a bool -> float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number; got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite; got {value!r}")
+    return float(value)
+
+
 def check_prefix(num_prefix_tokens, num_tokens: int, name: str) -> int:
-    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int):
-        raise TypeError(f"num_prefix_tokens must be an int; got {num_prefix_tokens!r}")
+    num_prefix_tokens = check_int("num_prefix_tokens", num_prefix_tokens)
     if not 0 <= num_prefix_tokens < num_tokens:
         raise ValueError(f"num_prefix_tokens={num_prefix_tokens} must be in [0, {num_tokens}) "
                          f"for {name} with {num_tokens} tokens")
@@ -50,17 +67,73 @@ def square_grid(name: str, num: int, shape_text: str) -> Tuple[int, int]:
     return side, side
 
 
+def check_pair(name: str, pair) -> tuple:
+    """Two items of a tuple, list, torch.Size or numpy array."""
+    items = None if isinstance(pair, (str, bytes, Tensor)) or not hasattr(pair, "__len__") else tuple(pair)
+    if items is None or len(items) != 2:
+        raise TypeError(f"{name} must be a pair of ints; got {pair!r}")
+    return items
+
+
+def check_grid(grid, num_patches: int, x: Tensor) -> Tuple[int, int]:
+    """(Hg, Wg): two positive ints whose product is the number of patches of x."""
+    sides = tuple(check_int("grid", g) for g in check_pair("grid", grid))
+    if min(sides) < 1 or sides[0] * sides[1] != num_patches:
+        raise ValueError(f"grid={sides} must be (Hg, Wg) of positive sides with Hg*Wg = N = {num_patches} "
+                         f"patches of x {shape_of(x)}")
+    return sides
+
+
+def check_scale(scale, head_dim: int) -> float:
+    """The logit scale: ``head_dim ** -0.5`` when None."""
+    return head_dim ** -0.5 if scale is None else check_real("scale", scale)
+
+
 def check_qk(q, k, num_prefix_tokens) -> Tuple[Tensor, Tensor, int]:
-    """q [B, H, Dh], k [B, H, T, Dh] -> (q, k, N)."""
+    """q [B, H, Dh], k [B, H, T, Dh] of one dtype, H and Dh >= 1 -> (q, k, N)."""
     check_tensor("q", q, 3, "[B, H, Dh]")
     check_tensor("k", k, 4, "[B, H, T, Dh]")
     b, h, dh = q.shape
-    if (k.shape[0], k.shape[1], k.shape[3]) != (b, h, dh):
+    if (k.shape[0], k.shape[1], k.shape[3]) != (b, h, dh) or h < 1 or dh < 1:
         raise ValueError(f"k {shape_of(k)} must be [B, H, T, Dh] matching q {shape_of(q)} "
-                         "in batch, heads and head dim")
+                         "in batch, heads (>= 1) and head dim (>= 1)")
+    if q.dtype != k.dtype:  # one rule for every backend: the kernels read q and k as one type
+        raise TypeError(f"q and k must have one dtype; got q {q.dtype} and k {k.dtype}")
     check_same_device("q", q, k=k)
     check_prefix(num_prefix_tokens, k.shape[2], "k")
     return q, k, k.shape[2] - num_prefix_tokens
+
+
+def check_boxes_finite(boxes: Tensor) -> None:
+    """A value check (it synchronises with a GPU); skipped while torch.compile traces, where the
+    kernels clamp a non-finite box to the border instead."""
+    if torch.compiler.is_compiling():
+        return
+    bad = ~torch.isfinite(boxes)
+    if bad.any():
+        row = int(bad.any(dim=1).nonzero()[0, 0])
+        raise ValueError(f"boxes must be finite; row {row} is {boxes[row].tolist()}")
+
+
+def check_backward_args(grad_kept: Tensor, idx: Tensor, num_prefix_tokens: int, num_patches: int) -> None:
+    """The attentive_mask_backward contract (csrc/checks.h): idx [Bx, M] int64, every row strictly
+    ascending in [0, num_patches), grad_kept [Bx, P+M, D]. The value check is skipped under torch.compile."""
+    check_tensor("grad_kept", grad_kept, 3, "[Bx, P+M, D]")
+    check_tensor("idx", idx, 2, "[Bx, M]", floating=False)
+    if idx.dtype != torch.int64:
+        raise TypeError(f"idx must be int64; got {idx.dtype}")
+    check_same_device("grad_kept", grad_kept, idx=idx)
+    p, m = check_int("num_prefix_tokens", num_prefix_tokens), idx.shape[1]
+    if idx.shape[0] != grad_kept.shape[0] or p < 0 or grad_kept.shape[1] != p + m:
+        raise ValueError(f"grad_kept {shape_of(grad_kept)} must be [Bx, P+M, D] for idx {shape_of(idx)} and P={p}")
+    if not m <= check_int("num_patches", num_patches) < 2 ** 31:
+        raise ValueError(f"num_patches={num_patches} must be in [M={m}, 2**31)")
+    if idx.numel() == 0 or torch.compiler.is_compiling():
+        return
+    bad = (idx < 0) | (idx >= num_patches)
+    if bool(bad.any()) or bool((idx[:, 1:] <= idx[:, :-1]).any()):
+        raise ValueError(f"every row of idx must ascend strictly inside [0, num_patches={num_patches}), "
+                         "as the forward returns it")
 
 
 @dataclass(frozen=True)
@@ -79,13 +152,12 @@ class MaskArgs:
     num_units: int               # n, the number of units kept
     scale: float
 
-    @property
-    def num_patches_kept(self) -> int:
-        return self.num_units * self.block * self.block
 
-
-def check_mask_args(x, scores, keep, q, k, prior, num_prefix_tokens, grid: Optional[Sequence[int]],
-                    block, boxes, scale) -> MaskArgs:
+def check_mask_args(x, scores, keep, q, k, prior, num_prefix_tokens, grid: Optional[Sequence],
+                    block, boxes, scale, check_values: bool = True, keep_name: str = "keep") -> MaskArgs:
+    """The public arguments of attentive_mask, checked and normalised. ``check_values=False`` leaves
+    the finiteness of ``boxes`` (a value check, which synchronises with a GPU) to the compiled op;
+    ``keep_name`` is what messages call ``keep``."""
     check_tensor("x", x, 3, "[Bx, P+N, D]")
     p = check_prefix(num_prefix_tokens, x.shape[1], "x")
     bx, n = x.shape[0], x.shape[1] - p
@@ -111,23 +183,15 @@ def check_mask_args(x, scores, keep, q, k, prior, num_prefix_tokens, grid: Optio
         q, k, ns = check_qk(q, k, p)
         bs = q.shape[0]
         score_grid = square_grid("k", ns, shape_of(k))
-        if prior is not None:
-            check_tensor("prior", prior, 2, "[Bs, N]")
-            if tuple(prior.shape) != (bs, ns):
-                raise ValueError(f"prior must be [Bs, N] = [{bs}, {ns}] like the scores of k "
-                                 f"{shape_of(k)}; got {shape_of(prior)}")
-        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        check_prior(prior, bs, ns, k)
+        scale = check_scale(scale, q.shape[-1])
     if bs == 0 or bx % bs:
         raise ValueError(f"x has {bx} rows, which is not a multiple of the {bs} rows of the scores "
                          f"(x {shape_of(x)}); views must be stacked view-major")
 
-    if grid is None:
-        grid = square_grid("x", n, shape_of(x))
-    else:
-        grid = tuple(int(g) for g in grid)
-        if len(grid) != 2 or grid[0] * grid[1] != n:
-            raise ValueError(f"grid={grid} must be (Hg, Wg) with Hg*Wg = N = {n} patches of x {shape_of(x)}")
-    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+    grid = square_grid("x", n, shape_of(x)) if grid is None else check_grid(grid, n, x)
+    block = check_int("block", block)
+    if block < 1:
         raise ValueError(f"block must be a positive int; got {block!r}")
     if grid[0] % block or grid[1] % block:
         raise ValueError(f"block={block} must divide the grid {grid} of x {shape_of(x)}")
@@ -136,17 +200,55 @@ def check_mask_args(x, scores, keep, q, k, prior, num_prefix_tokens, grid: Optio
             got = shape_of(boxes) if isinstance(boxes, Tensor) else type(boxes).__name__
             raise ValueError(f"boxes must be [Bx, 4] = [{bx}, 4] (y0, x0, h, w), one per row of x; got {got}")
         check_tensor("boxes", boxes, 2, "[Bx, 4]")
+        check_same_device("x", x, boxes=boxes)
+        if check_values:
+            check_boxes_finite(boxes)
         boxes = boxes.to(torch.float32).contiguous()
 
     num_units = (grid[0] // block) * (grid[1] // block)
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-        raise TypeError(f"keep must be an int (units) or a float fraction in (0, 1]; got {keep!r}")
-    if isinstance(keep, float) and not 0.0 < keep <= 1.0:
-        raise ValueError(f"keep={keep} as a fraction must be in (0, 1]")
-    if isinstance(keep, int) and not 0 < keep <= num_units:
-        raise ValueError(f"keep={keep} units must be in [1, {num_units}] "
-                         f"(grid {grid}, block {block}, x {shape_of(x)})")
+    if isinstance(keep, bool) or not isinstance(keep, numbers.Real):
+        raise TypeError(f"{keep_name} must be an int (units) or a float fraction in (0, 1]; got {keep!r}")
+    if isinstance(keep, numbers.Integral):
+        keep = int(keep)
+        if not 0 < keep <= num_units:
+            raise ValueError(f"{keep_name}={keep} units must be in [1, {num_units}] "
+                             f"(grid {grid}, block {block}, x {shape_of(x)})")
+    else:
+        keep = float(keep)
+        if not 0.0 < keep <= 1.0:
+            raise ValueError(f"{keep_name}={keep} as a fraction must be in (0, 1]")
 
-    check_same_device("x", x, scores=scores, q=q, k=k, prior=prior, boxes=boxes)
+    check_same_device("x", x, scores=scores, q=q, k=k, prior=prior)
     return MaskArgs(x, scores, q, k, prior, boxes, p, score_grid, grid, block,
-                    num_keep_units(keep, num_units), 0.0 if scale is None else float(scale))
+                    num_keep_units(keep, num_units), 0.0 if scale is None else check_real("scale", scale))
+
+
+def check_prior(prior: Optional[Tensor], batch: int, num_patches: int, k: Tensor) -> None:
+    if prior is not None:
+        check_tensor("prior", prior, 2, "[Bs, N]")
+        if tuple(prior.shape) != (batch, num_patches):
+            raise ValueError(f"prior must be [Bs, N] = [{batch}, {num_patches}] like the scores of k "
+                             f"{shape_of(k)}; got {shape_of(prior)}")
+        check_same_device("k", k, prior=prior)
+
+
+def check_cls_attention_op(q, k, num_prefix_tokens, prior) -> None:
+    """The cls_attention op schema's contract (csrc/checks.h), for a direct call of the Triton op."""
+    q, k, n = check_qk(q, k, num_prefix_tokens)
+    check_prior(prior, q.shape[0], n, k)
+
+
+def check_mask_op(x, scores, q, k, prior, boxes, num_prefix_tokens, score_grid, grid, block, num_units,
+                  scale) -> MaskArgs:
+    """The attentive_mask op schema's contract (csrc/checks.h), for a direct call of the Triton op:
+    the public checks applied to the schema's arguments, and the score grid checked against them."""
+    hs, ws = (check_int("score_grid", side) for side in check_pair("score_grid", score_grid))
+    if isinstance(scores, Tensor):
+        if scores.dim() != 2 or hs < 1 or ws < 1 or scores.shape[1] != hs * ws:
+            raise ValueError(f"scores must be [Bs, Hs*Ws] for score_grid={tuple(score_grid)}; got {shape_of(scores)}")
+        scores = scores.reshape(scores.shape[0], hs, ws)
+    args = check_mask_args(x, scores, check_int("num_units", num_units), q, k, prior, num_prefix_tokens, grid,
+                           block, boxes, scale, keep_name="num_units")
+    if args.score_grid != (hs, ws):
+        raise ValueError(f"score_grid={tuple(score_grid)} does not match the scores of k {shape_of(k)}")
+    return args

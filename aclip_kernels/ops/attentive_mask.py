@@ -36,8 +36,10 @@ def attentive_mask(x: Tensor, scores: Optional[Tensor] = None, keep=0.5, *,
     ``return_indices=False``. Ties go to the lower index and NaN ranks lowest. The gradient of x
     is ``grad(kept)`` scattered back to the kept rows, zero elsewhere; nothing else gets one.
     """
-    args = check_mask_args(x, scores, keep, q, k, prior, num_prefix_tokens, grid, block, boxes, scale)
-    impl = resolve_backend(backend, x.device)
+    impl = resolve_backend(backend, x.device if isinstance(x, Tensor) else torch.device("cpu"))
+    # The compiled ops check the finiteness of boxes themselves: one value check (a GPU sync) per call.
+    args = check_mask_args(x, scores, keep, q, k, prior, num_prefix_tokens, grid, block, boxes, scale,
+                           check_values=impl == "torch")
     if impl == "torch":
         kept, idx = mask_torch(args)
     elif impl == "triton":

@@ -9,7 +9,7 @@ from torch import Tensor
 from .._library import BUILD_INFO
 from ..backends import resolve_backend
 from ..reference import cls_attention_backward_ref, cls_attention_ref
-from ._checks import check_qk, check_same_device, shape_of
+from ._checks import check_qk, check_same_device, check_scale, shape_of
 
 __all__ = ["cls_attention"]
 
@@ -29,7 +29,7 @@ def cls_attention(q: Tensor, k: Tensor, *, num_prefix_tokens: int = 1, scale: Op
             got = f"{shape_of(out)} {out.dtype}" if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(f"out must be a float32 tensor [B, N] = [{q.shape[0]}, {n}] for k {shape_of(k)}; got {got}")
         check_same_device("q", q, out=out)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = check_scale(scale, q.shape[-1])
     impl = resolve_backend(backend, q.device)
     if impl == "torch":
         result = cls_attention_ref(q, k, num_prefix_tokens, scale)

@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._checks import check_prefix, check_tensor, square_grid, shape_of
+from ._checks import check_grid, check_prefix, check_tensor, square_grid, shape_of
 from .attentive_mask import attentive_mask
 
 __all__ = ["random_mask"]
@@ -22,9 +22,7 @@ def random_mask(x: Tensor, keep=0.5, *, num_prefix_tokens: int = 1, block: int =
     """
     check_tensor("x", x, 3, "[Bx, P+N, D]")
     n = x.shape[1] - check_prefix(num_prefix_tokens, x.shape[1], "x")
-    grid = square_grid("x", n, shape_of(x)) if grid is None else tuple(grid)
-    if len(grid) != 2 or grid[0] * grid[1] != n:
-        raise ValueError(f"grid={grid} must be (Hg, Wg) with Hg*Wg = N = {n} patches of x {shape_of(x)}")
+    grid = square_grid("x", n, shape_of(x)) if grid is None else check_grid(grid, n, x)
     scores = torch.rand(x.shape[0], *grid, generator=generator, device=x.device)
     return attentive_mask(x, scores, keep, num_prefix_tokens=num_prefix_tokens, grid=grid, block=block,
                           return_indices=return_indices, backend=backend)

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..ops._checks import MaskArgs
+from ..ops._checks import MaskArgs, check_backward_args, check_mask_op
 from ..ops.attentive_mask import op_arguments, register_attentive_mask
 from ._common import (autotune, check_device, dummy, fadd, fmul, fsub, launch_options, next_pow2, register_op, use_rn,
                       wrap_triton)
@@ -287,6 +287,7 @@ def _attentive_mask_op(x: Tensor, scores: Optional[Tensor], q: Optional[Tensor],
                        prior: Optional[Tensor], boxes: Optional[Tensor], num_prefix_tokens: int,
                        score_grid: List[int], grid: List[int], block: int, num_units: int,
                        scale: float) -> Tuple[Tensor, Tensor]:
+    check_mask_op(x, scores, q, k, prior, boxes, num_prefix_tokens, score_grid, grid, block, num_units, scale)
     outputs, launch_grid, runtime, constexprs = forward_launch(
         x, scores, q, k, prior, boxes, num_prefix_tokens, score_grid, grid, block, num_units, scale)
     wrap_triton(_mask_fwd_kernel)[launch_grid](*runtime, **constexprs, **launch_options(x.device))
@@ -300,6 +301,7 @@ def search_steps(num_kept: int) -> int:
 @register_op(MASK_BACKWARD_OP, MASK_BACKWARD_SCHEMA)
 def _attentive_mask_backward_op(grad_kept: Tensor, idx: Tensor, num_prefix_tokens: int,
                                 num_patches: int) -> Tensor:
+    check_backward_args(grad_kept, idx, num_prefix_tokens, num_patches)
     bx, _, d = grad_kept.shape
     p, m = num_prefix_tokens, idx.shape[1]
     idx = idx.contiguous()

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..ops._checks import check_cls_attention_op
 from ..ops.cls_attention import register_cls_attention
 from ._common import autotune, check_device, next_pow2, register_op, wrap_triton
 
@@ -99,6 +100,7 @@ def launch_args(q: Tensor, k: Tensor, prior: Optional[Tensor], out: Tensor, logi
 @register_op(CLS_ATTENTION_OP, SCHEMA)
 def _cls_attention_op(q: Tensor, k: Tensor, num_prefix_tokens: int, scale: float,
                       prior: Optional[Tensor]) -> Tensor:
+    check_cls_attention_op(q, k, num_prefix_tokens, prior)
     b, h, t, dh = k.shape
     n = t - num_prefix_tokens
     dtype = accumulation_dtype(q)

@@ -9,6 +9,7 @@
 #include <numeric>
 #include <vector>
 
+#include "../checks.h"
 #include "../mask_math.h"
 #include "kernels.h"
 
@@ -65,23 +66,13 @@ std::tuple<at::Tensor, at::Tensor> attentive_mask(
     const std::optional<at::Tensor>& k, const std::optional<at::Tensor>& prior,
     const std::optional<at::Tensor>& boxes, int64_t num_prefix_tokens, at::IntArrayRef score_grid,
     at::IntArrayRef grid, int64_t block, int64_t num_units, double scale) {
-  TORCH_CHECK(x.dim() == 3, "attentive_mask: x must be [Bx, P+N, D]; got ", x.sizes());
-  TORCH_CHECK(score_grid.size() == 2 && grid.size() == 2, "attentive_mask: grids must be (H, W)");
-  const int64_t P = num_prefix_tokens, Bx = x.size(0), D = x.size(2);
-  Geometry g{score_grid[0], score_grid[1], grid[0], grid[1], block, grid[0] / block, grid[1] / block, false};
-  const int64_t N = g.Hg * g.Wg, U = g.Hu * g.Wu, kept_patches = num_units * block * block;
-  TORCH_CHECK(x.size(1) == P + N && block > 0 && g.Hg % block == 0 && g.Wg % block == 0 &&
-                  num_units > 0 && num_units <= U,
-              "attentive_mask: inconsistent x ", x.sizes(), ", P=", P, ", grid ", grid, ", block ", block,
-              ", num_units ", num_units);
-
+  const MaskShape s = check_attentive_mask(x, scores, q, k, prior, boxes, num_prefix_tokens, score_grid, grid,
+                                           block, num_units);
+  const int64_t P = s.P, Bx = s.Bx, D = s.D, N = s.N, U = s.U, Bs = s.Bs, kept_patches = s.M;
+  Geometry g{s.Hs, s.Ws, s.Hg, s.Wg, block, s.Hu, s.Wu, false};
   at::Tensor map = scores.has_value() ? scores->to(at::kFloat).contiguous()
                                       : cls_attention(*q, *k, P, scale, prior).to(at::kFloat);
-  const int64_t Bs = map.size(0);
-  TORCH_CHECK(map.dim() == 2 && map.size(1) == g.Hs * g.Ws && Bs > 0 && Bx % Bs == 0,
-              "attentive_mask: scores ", map.sizes(), " do not match score grid ", score_grid, " and x ", x.sizes());
   at::Tensor box = boxes.has_value() ? boxes->to(at::kFloat).contiguous() : at::Tensor();
-  TORCH_CHECK(!box.defined() || box.sizes() == at::IntArrayRef({Bx, 4}), "attentive_mask: boxes must be [Bx, 4]");
   g.resample = box.defined() || g.Hs != g.Hg || g.Ws != g.Wg;
 
   at::Tensor kept = at::empty({Bx, P + kept_patches, D}, x.options());
@@ -129,12 +120,9 @@ std::tuple<at::Tensor, at::Tensor> attentive_mask(
 
 at::Tensor attentive_mask_backward(const at::Tensor& grad_kept_in, const at::Tensor& idx_in,
                                    int64_t num_prefix_tokens, int64_t num_patches) {
+  check_attentive_mask_backward(grad_kept_in, idx_in, num_prefix_tokens, num_patches);
   const at::Tensor grad_kept = grad_kept_in.contiguous();
   const at::Tensor idx = idx_in.contiguous();
-  TORCH_CHECK(grad_kept.dim() == 3 && idx.dim() == 2 && idx.size(0) == grad_kept.size(0) &&
-                  grad_kept.size(1) == num_prefix_tokens + idx.size(1) && idx.scalar_type() == at::kLong,
-              "attentive_mask_backward: grad_kept ", grad_kept.sizes(), " and idx ", idx.sizes(),
-              " do not match P=", num_prefix_tokens);
   const int64_t Bx = grad_kept.size(0), D = grad_kept.size(2), P = num_prefix_tokens, M = idx.size(1);
   const int64_t T = P + num_patches, row_bytes = D * grad_kept.element_size();
   at::Tensor grad_x = at::empty({Bx, T, D}, grad_kept.options());

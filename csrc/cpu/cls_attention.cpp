@@ -8,6 +8,7 @@
 #include <cmath>
 #include <vector>
 
+#include "../checks.h"
 #include "kernels.h"
 
 namespace aclip::cpu {
@@ -29,21 +30,14 @@ inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
 
 at::Tensor cls_attention(const at::Tensor& q, const at::Tensor& k, int64_t num_prefix_tokens,
                          double scale, const std::optional<at::Tensor>& prior) {
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 4, "cls_attention: q [B, H, Dh] and k [B, H, T, Dh]; got ",
-              q.sizes(), " and ", k.sizes());
-  const int64_t B = q.size(0), H = q.size(1), Dh = q.size(2), T = k.size(2);
-  const int64_t P = num_prefix_tokens, N = T - P;
-  TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == Dh && P >= 0 && N > 0,
-              "cls_attention: k ", k.sizes(), " does not match q ", q.sizes(), " with P=", P);
+  const ClsAttentionShape s = check_cls_attention(q, k, num_prefix_tokens, prior);
+  const int64_t B = s.B, H = s.H, Dh = s.Dh, T = s.T, P = s.P, N = s.N;
   const auto out_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor out = prior.has_value() ? prior->to(out_dtype).contiguous().clone()
                                      : at::zeros({B, N}, q.options().dtype(out_dtype));
-  TORCH_CHECK(out.sizes() == at::IntArrayRef({B, N}), "cls_attention: prior must be [B, N] = [", B,
-              ", ", N, "]; got ", out.sizes());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "cls_attention_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    TORCH_CHECK(k.scalar_type() == q.scalar_type(), "cls_attention: q and k dtypes differ");
     const scalar_t* qp = q.const_data_ptr<scalar_t>();
     const scalar_t* kp = k.const_data_ptr<scalar_t>();
     const auto qs = q.strides(), ks = k.strides();

@@ -1,0 +1,154 @@
+// The invariants every compiled entry point of the ops checks before it touches memory, shared by the
+// CPU (cpu/) and CUDA (cuda/ops_cuda.cpp) implementations. The public Python ops check the same
+// things first, with friendlier messages (aclip_kernels/ops/_checks.py); these checks are for
+// whoever calls torch.ops.aclip_kernels.* directly: no argument may make a kernel read or write
+// out of bounds. Shape errors raise ValueError, dtype errors TypeError (TORCH_CHECK_VALUE / _TYPE).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <optional>
+
+namespace aclip {
+
+// Sides of a grid (and their product) stay below 2**31 so that kernels may index cells in int32.
+constexpr int64_t kMaxSide = INT32_MAX;
+
+inline void check_floating(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf ||
+                       t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kDouble,
+                   op, ": ", name, " must be float32, float16, bfloat16 or float64; got ", t.scalar_type());
+}
+
+inline void check_same_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but the first tensor is on ",
+                    ref.device(), "; all tensors must be on one device");
+}
+
+struct ClsAttentionShape {
+  int64_t B, H, T, Dh, P, N;
+};
+
+// q [B, H, Dh] and k [B, H, P+N, Dh] of one dtype, H, Dh, N >= 1; prior [B, N] floating.
+inline ClsAttentionShape check_cls_attention(const at::Tensor& q, const at::Tensor& k, int64_t num_prefix_tokens,
+                                             const std::optional<at::Tensor>& prior) {
+  constexpr const char* op = "cls_attention";
+  TORCH_CHECK_VALUE(q.dim() == 3 && k.dim() == 4, op, ": q must be [B, H, Dh] and k [B, H, T, Dh]; got ", q.sizes(),
+                    " and ", k.sizes());
+  check_floating(op, "q", q);
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type(), op, ": q is ", q.scalar_type(), " but k is ", k.scalar_type(),
+                   "; q and k must have one dtype");
+  check_same_device(op, "k", k, q);
+  const ClsAttentionShape s{q.size(0), q.size(1), k.size(2), q.size(2), num_prefix_tokens,
+                            k.size(2) - num_prefix_tokens};
+  TORCH_CHECK_VALUE(k.size(0) == s.B && k.size(1) == s.H && k.size(3) == s.Dh && s.H >= 1 && s.Dh >= 1, op, ": k ",
+                    k.sizes(), " must match q ", q.sizes(), " in batch, heads (>= 1) and head dim (>= 1)");
+  TORCH_CHECK_VALUE(s.P >= 0 && s.N >= 1 && s.T <= kMaxSide, op, ": num_prefix_tokens=", s.P,
+                    " must be in [0, T) for k ", k.sizes());
+  if (prior.has_value()) {
+    check_floating(op, "prior", *prior);
+    check_same_device(op, "prior", *prior, q);
+    TORCH_CHECK_VALUE(prior->sizes() == at::IntArrayRef({s.B, s.N}), op, ": prior must be [B, N] = [", s.B, ", ",
+                      s.N, "]; got ", prior->sizes());
+  }
+  return s;
+}
+
+struct MaskShape {
+  int64_t Bx, P, D, Hs, Ws, Hg, Wg, block, Hu, Wu, N, U, num_units, M, Bs;
+};
+
+// The full contract of the attentive_mask op schema (see csrc/ops.cpp): x [Bx, P + Hg*Wg, D]; either
+// scores [Bs, Hs*Ws] or q [Bs, H, Dh] + k [Bs, H, P + Hs*Ws, Dh] (+ prior [Bs, Hs*Ws]); Bx a multiple
+// of Bs >= 1; grids of positive sides; block dividing the grid; 1 <= num_units <= units; boxes
+// [Bx, 4] of finite numbers (a value check: it synchronises with a CUDA device).
+inline MaskShape check_attentive_mask(const at::Tensor& x, const std::optional<at::Tensor>& scores,
+                                      const std::optional<at::Tensor>& q, const std::optional<at::Tensor>& k,
+                                      const std::optional<at::Tensor>& prior, const std::optional<at::Tensor>& boxes,
+                                      int64_t num_prefix_tokens, at::IntArrayRef score_grid, at::IntArrayRef grid,
+                                      int64_t block, int64_t num_units) {
+  constexpr const char* op = "attentive_mask";
+  TORCH_CHECK_VALUE(x.dim() == 3, op, ": x must be [Bx, P+N, D]; got ", x.sizes());
+  TORCH_CHECK_VALUE(score_grid.size() == 2 && grid.size() == 2, op, ": score_grid and grid must be (H, W); got ",
+                    score_grid, " and ", grid);
+  MaskShape s{};
+  s.Bx = x.size(0);
+  s.P = num_prefix_tokens;
+  s.D = x.size(2);
+  s.Hs = score_grid[0];
+  s.Ws = score_grid[1];
+  s.Hg = grid[0];
+  s.Wg = grid[1];
+  s.block = block;
+  for (const int64_t side : {s.Hs, s.Ws, s.Hg, s.Wg})
+    TORCH_CHECK_VALUE(side >= 1 && side <= kMaxSide, op, ": grid sides must be positive; got score_grid ", score_grid,
+                      " and grid ", grid);
+  TORCH_CHECK_VALUE(s.Hs * s.Ws <= kMaxSide && s.Hg * s.Wg <= kMaxSide, op, ": grids too large: score_grid ",
+                    score_grid, ", grid ", grid);
+  TORCH_CHECK_VALUE(block >= 1 && s.Hg % block == 0 && s.Wg % block == 0, op, ": block=", block,
+                    " must be positive and divide the grid ", grid);
+  s.Hu = s.Hg / block;
+  s.Wu = s.Wg / block;
+  s.N = s.Hg * s.Wg;
+  s.U = s.Hu * s.Wu;
+  TORCH_CHECK_VALUE(s.P >= 0 && x.size(1) == s.P + s.N, op, ": x ", x.sizes(), " must have P + Hg*Wg = ", s.P, " + ",
+                    s.N, " tokens (grid ", grid, ")");
+  TORCH_CHECK_VALUE(num_units >= 1 && num_units <= s.U, op, ": num_units=", num_units, " must be in [1, ", s.U,
+                    "] (grid ", grid, ", block ", block, ")");
+  s.num_units = num_units;
+  s.M = num_units * block * block;
+
+  TORCH_CHECK_VALUE(scores.has_value() != (q.has_value() || k.has_value()), op,
+                    ": give either scores, or q and k, not both or neither");
+  TORCH_CHECK_VALUE(!(scores.has_value() && prior.has_value()), op, ": prior goes with q and k, not with scores");
+  if (scores.has_value()) {
+    check_floating(op, "scores", *scores);
+    check_same_device(op, "scores", *scores, x);
+    TORCH_CHECK_VALUE(scores->dim() == 2 && scores->size(1) == s.Hs * s.Ws, op, ": scores must be [Bs, Hs*Ws] = [Bs, ",
+                      s.Hs * s.Ws, "] for score_grid ", score_grid, "; got ", scores->sizes());
+    s.Bs = scores->size(0);
+  } else {
+    TORCH_CHECK_VALUE(q.has_value() && k.has_value(), op, ": the fused scores need both q and k");
+    check_same_device(op, "q", *q, x);
+    const ClsAttentionShape c = check_cls_attention(*q, *k, s.P, prior);
+    TORCH_CHECK_VALUE(c.N == s.Hs * s.Ws, op, ": k ", k->sizes(), " must have P + Hs*Ws = ", s.P, " + ", s.Hs * s.Ws,
+                      " tokens (score_grid ", score_grid, ")");
+    s.Bs = c.B;
+  }
+  TORCH_CHECK_VALUE(s.Bs >= 1 && s.Bx % s.Bs == 0, op, ": x has ", s.Bx, " rows, which is not a multiple of the ", s.Bs,
+                    " rows of the scores");
+  if (boxes.has_value()) {
+    check_floating(op, "boxes", *boxes);
+    check_same_device(op, "boxes", *boxes, x);
+    TORCH_CHECK_VALUE(boxes->sizes() == at::IntArrayRef({s.Bx, 4}), op, ": boxes must be [Bx, 4] = [", s.Bx,
+                      ", 4]; got ", boxes->sizes());
+    TORCH_CHECK_VALUE(at::isfinite(*boxes).all().item<bool>(), op, ": boxes must be finite; got ",
+                      boxes->isfinite().logical_not().sum().item<int64_t>(), " non-finite values");
+  }
+  return s;
+}
+
+// grad_kept [Bx, P+M, D] and idx [Bx, M] int64 whose rows ascend strictly inside [0, num_patches): the
+// indices the forward returned. The value check synchronises with a CUDA device.
+inline void check_attentive_mask_backward(const at::Tensor& grad_kept, const at::Tensor& idx,
+                                          int64_t num_prefix_tokens, int64_t num_patches) {
+  constexpr const char* op = "attentive_mask_backward";
+  check_floating(op, "grad_kept", grad_kept);
+  TORCH_CHECK_TYPE(idx.scalar_type() == at::kLong, op, ": idx must be int64; got ", idx.scalar_type());
+  check_same_device(op, "idx", idx, grad_kept);
+  TORCH_CHECK_VALUE(grad_kept.dim() == 3 && idx.dim() == 2 && idx.size(0) == grad_kept.size(0) &&
+                        num_prefix_tokens >= 0 && grad_kept.size(1) == num_prefix_tokens + idx.size(1),
+                    op, ": grad_kept ", grad_kept.sizes(), " must be [Bx, P+M, D] for idx ", idx.sizes(),
+                    " [Bx, M] and P=", num_prefix_tokens);
+  TORCH_CHECK_VALUE(num_patches >= idx.size(1) && num_patches <= kMaxSide, op, ": num_patches=", num_patches,
+                    " must be in [M, 2**31) for idx ", idx.sizes());
+  if (idx.numel() == 0) return;
+  at::Tensor bad = (idx < 0).logical_or_(idx >= num_patches).any();
+  if (idx.size(1) > 1) bad.logical_or_((idx.narrow(1, 1, idx.size(1) - 1) <= idx.narrow(1, 0, idx.size(1) - 1)).any());
+  TORCH_CHECK_VALUE(!bad.item<bool>(), op, ": every row of idx must ascend strictly inside [0, num_patches=",
+                    num_patches, "), as the forward returns it");
+}
+
+}  // namespace aclip
