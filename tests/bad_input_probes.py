@@ -164,6 +164,16 @@ def _valid_backward(d):
     torch.testing.assert_close(d.backward(grad, idx, 1, 16), scatter_tokens_ref(grad, idx, 1, 16), rtol=0, atol=0)
 
 
+def _valid_rectangular(d):
+    """Fused scores on a 2 x 8 grid of k's patches (the schema's score_grid; the public API infers square)."""
+    from aclip_kernels.reference import attentive_mask_ref, cls_attention_ref
+    kept, idx = d.mask(X, None, Q, K, None, None, 1, [2, 8], [4, 4], 1, 8, 0.5)
+    scores = cls_attention_ref(Q, K, 1, 0.5).view(2, 2, 8)
+    ref_kept, ref_idx = attentive_mask_ref(X, scores, 8, grid=(4, 4))
+    torch.testing.assert_close(idx, ref_idx, rtol=0, atol=0)
+    torch.testing.assert_close(kept, ref_kept, rtol=0, atol=0)
+
+
 _V, _E = ValueError, TypeError
 DIRECT: List[Probe] = [
     Probe("negative-grid-block2", _op(grid=(-4, -4), block=2, units=4), _V, ("grid",)),
@@ -209,6 +219,7 @@ DIRECT: List[Probe] = [
     Probe("cls-dtypes-differ", _cls(Q16, K32), _E, ("q", "k")),
     Probe("cls-int", _cls(Q.long(), K.long()), _E, ("q",)),
     Probe("valid-backward", _valid_backward, None),
+    Probe("valid-rectangular-k-grid", lambda d: _valid_rectangular(d), None),
 ]
 
 

@@ -154,10 +154,11 @@ class MaskArgs:
 
 
 def check_mask_args(x, scores, keep, q, k, prior, num_prefix_tokens, grid: Optional[Sequence],
-                    block, boxes, scale, check_values: bool = True, keep_name: str = "keep") -> MaskArgs:
+                    block, boxes, scale, check_values: bool = True, keep_name: str = "keep",
+                    k_grid: Optional[Tuple[int, int]] = None) -> MaskArgs:
     """The public arguments of attentive_mask, checked and normalised. ``check_values=False`` leaves
     the finiteness of ``boxes`` (a value check, which synchronises with a GPU) to the compiled op;
-    ``keep_name`` is what messages call ``keep``."""
+    ``keep_name`` is what messages call ``keep``; ``k_grid`` the grid of k's patches (default square)."""
     check_tensor("x", x, 3, "[Bx, P+N, D]")
     p = check_prefix(num_prefix_tokens, x.shape[1], "x")
     bx, n = x.shape[0], x.shape[1] - p
@@ -182,7 +183,9 @@ def check_mask_args(x, scores, keep, q, k, prior, num_prefix_tokens, grid: Optio
             raise ValueError("the fused scores need both q and k")
         q, k, ns = check_qk(q, k, p)
         bs = q.shape[0]
-        score_grid = square_grid("k", ns, shape_of(k))
+        score_grid = square_grid("k", ns, shape_of(k)) if k_grid is None else k_grid
+        if score_grid[0] * score_grid[1] != ns:
+            raise ValueError(f"score_grid={score_grid} does not match the {ns} patches of k {shape_of(k)}")
         check_prior(prior, bs, ns, k)
         scale = check_scale(scale, q.shape[-1])
     if bs == 0 or bx % bs:
@@ -247,8 +250,5 @@ def check_mask_op(x, scores, q, k, prior, boxes, num_prefix_tokens, score_grid, 
         if scores.dim() != 2 or hs < 1 or ws < 1 or scores.shape[1] != hs * ws:
             raise ValueError(f"scores must be [Bs, Hs*Ws] for score_grid={tuple(score_grid)}; got {shape_of(scores)}")
         scores = scores.reshape(scores.shape[0], hs, ws)
-    args = check_mask_args(x, scores, check_int("num_units", num_units), q, k, prior, num_prefix_tokens, grid,
-                           block, boxes, scale, keep_name="num_units")
-    if args.score_grid != (hs, ws):
-        raise ValueError(f"score_grid={tuple(score_grid)} does not match the scores of k {shape_of(k)}")
-    return args
+    return check_mask_args(x, scores, check_int("num_units", num_units), q, k, prior, num_prefix_tokens, grid,
+                           block, boxes, scale, keep_name="num_units", k_grid=(hs, ws))
