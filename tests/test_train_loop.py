@@ -11,6 +11,7 @@ from aclip_kernels.train import CHECKPOINT, NonFiniteLoss, TrainConfig, train
 from aclip_kernels.train import checkpoint as ckpt
 from aclip_kernels.train import losses
 from aclip_kernels.train.__main__ import parse_args, summary
+from aclip_kernels.train.errors import CheckpointError
 
 
 def tiny(tmp_path, **kw):
@@ -67,7 +68,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         ckpt.save_atomic({"step": 2}, path)
     monkeypatch.undo()
-    assert ckpt.load(path)["step"] == 1
+    assert torch.load(path, weights_only=True)["step"] == 1
     assert os.listdir(tmp_path) == ["c.pt"]                    # no temp file left behind
 
 
@@ -137,3 +138,30 @@ def test_user_data_csv_and_webdataset_train_and_evaluate(tmp_path):
     wds_run = train(tiny(tmp_path / "wds", method="aclip", steps=2, data=str(tmp_path / "shard-000.tar"),
                          val_data=str(tmp_path / "shard-000.tar"), evaluate=True))
     assert all(math.isfinite(x) for x in wds_run["losses"]) and wds_run["metrics"]["val_samples"] == 12
+
+
+class _Planted:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def test_checkpoints_load_weights_only_and_a_planted_pickle_does_not_run(tmp_path):
+    import pickle
+    train(tiny(tmp_path, method="aclip", steps=1))
+    state = torch.load(tmp_path / CHECKPOINT, weights_only=True)           # tensors and plain containers
+    assert "scaler" not in state and isinstance(state["config"], dict)
+    marker = str(tmp_path / "planted-pickle-ran")
+    torch.save({"model": _Planted(marker)}, tmp_path / "zip.pt")
+    with open(tmp_path / "raw.pt", "wb") as f:
+        pickle.dump({"model": _Planted(marker)}, f, protocol=2)
+    for name in ("zip.pt", "raw.pt"):
+        with pytest.raises(CheckpointError, match="^cannot load checkpoint .*GLOBAL posix.mkdir") as e:
+            ckpt.load(str(tmp_path / name))
+        assert len(str(e.value).splitlines()) == 1
+    assert not os.path.exists(marker)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="cannot load checkpoint"):
+        ckpt.load(str(tmp_path / "empty.pt"))

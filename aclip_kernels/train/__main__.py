@@ -14,7 +14,8 @@ import argparse
 import sys
 import time
 
-from .loop import NonFiniteLoss, TrainConfig, train
+from .errors import NonFiniteLoss
+from .loop import TrainConfig, train
 from .model import METHODS
 
 

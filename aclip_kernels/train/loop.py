@@ -27,6 +27,7 @@ from . import checkpoint as ckpt
 from .augment import make_transform
 from .data import make_eval_set, make_train_loader
 from .distributed import all_reduce_mean, all_reduce_sum, barrier, init_distributed
+from .errors import NonFiniteLoss
 from .evaluate import evaluate
 from .model import METHODS
 from .step import apply_update, build_step, micro_step
@@ -80,10 +81,6 @@ class TrainConfig:
     save_masks: bool = False
     progress: bool = True
     quiet: bool = False
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
 
 
 class _Stop:
@@ -153,7 +150,6 @@ def _train(cfg: TrainConfig, info, micro: int) -> Dict[str, Any]:
     trainer = build_step(cfg, device)
     clip, tokenizer, size, model = trainer.clip, trainer.tokenizer, trainer.size, trainer.model
     ema, scorer, optimizer, scheduler = trainer.ema, trainer.scorer, trainer.optimizer, trainer.scheduler
-    scaler = trainer.scaler
 
     # ---- resume
     step, data_pos, skipped_total = 0, 0, 0
@@ -169,7 +165,6 @@ def _train(cfg: TrainConfig, info, micro: int) -> Dict[str, Any]:
             ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
         step, data_pos, skipped_total = state["step"], state["data_position"], state["skipped"]
         rngs = state["rng"]
         ckpt.set_rng_state(rngs[rank] if len(rngs) == world else rngs[0])
@@ -206,7 +201,7 @@ def _train(cfg: TrainConfig, info, micro: int) -> Dict[str, Any]:
             ckpt.save_atomic({
                 "model": model.state_dict(), "ema": None if ema is None else ema.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "step": step, "data_position": data_pos,
+                "step": step, "data_position": data_pos,
                 "skipped": skipped_total, "rng": rngs, "config": asdict(cfg), "reason": reason}, path)
         barrier()
 
