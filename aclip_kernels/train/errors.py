@@ -2,7 +2,7 @@
 data or checkpoint) and a ``NonFiniteLoss`` as one ``error: ...`` line with exit status 2."""
 from __future__ import annotations
 
-__all__ = ["UserError", "CheckpointError", "NonFiniteLoss"]
+__all__ = ["UserError", "DataError", "CheckpointError", "NonFiniteLoss"]
 
 
 class UserError(ValueError):
@@ -15,6 +15,10 @@ class UserError(ValueError):
         if len(lines) > 1 and lines[0].startswith("Caught "):
             message = lines[-1].split(": ", 1)[-1]
         super().__init__(message)
+
+
+class DataError(UserError):
+    """A data source that is missing, empty or unreadable."""
 
 
 class CheckpointError(UserError):
