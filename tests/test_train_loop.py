@@ -1,5 +1,7 @@
 """Reference training loop: every method runs, resume is exact, checkpoints are atomic, a
 non-finite loss stops cleanly, SIGTERM checkpoints. Tiny config (ACLIP-Test, 16 px, batch 8)."""
+import dataclasses
+import json
 import math
 import os
 import signal
@@ -7,7 +9,7 @@ import signal
 import pytest
 import torch
 
-from aclip_kernels.train import CHECKPOINT, NonFiniteLoss, TrainConfig, train
+from aclip_kernels.train import CHECKPOINT, NonFiniteLoss, TrainConfig, metrics, train
 from aclip_kernels.train import checkpoint as ckpt
 from aclip_kernels.train import losses
 from aclip_kernels.train.__main__ import parse_args, summary
@@ -165,3 +167,29 @@ def test_checkpoints_load_weights_only_and_a_planted_pickle_does_not_run(tmp_pat
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(CheckpointError, match="cannot load checkpoint"):
         ckpt.load(str(tmp_path / "empty.pt"))
+
+
+def test_resume_logs_each_step_once_and_removes_stale_temporary_files(tmp_path):
+    cfg = tiny(tmp_path, method="clip", steps=2)
+    train(cfg)
+    step2 = (tmp_path / CHECKPOINT).read_bytes()
+    train(dataclasses.replace(cfg, steps=4, stop_after=1, resume=True))      # logs step 3, checkpoints it
+    (tmp_path / CHECKPOINT).write_bytes(step2)         # as if killed while writing the step 3 checkpoint
+    (tmp_path / ".tmp-checkpoint.pt1a2b3c").write_bytes(b"partial")
+    train(dataclasses.replace(cfg, steps=4, resume=True))
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [(r["step"], r.get("final", False)) for r in records] == [(1, False), (2, False), (3, False),
+                                                                     (4, False), (4, True)]
+    assert sorted(os.listdir(tmp_path)) == [CHECKPOINT, "metrics.jsonl"]
+
+
+def test_metrics_truncate(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [{"step": 1}, {"step": 2}, {"final": True, "step": 2}, {"step": 3}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 4, "lo')     # a half-written line
+    metrics.truncate(str(path), 3)
+    assert [json.loads(line) for line in open(path)] == lines
+    metrics.truncate(str(path), 2)
+    assert [json.loads(line) for line in open(path)] == lines[:2]
+    metrics.truncate(str(path), 0)
+    assert path.read_text() == ""

@@ -8,10 +8,11 @@ planted pickle) is refused before any of it runs.
 
 It is written to a temporary file ``.tmp-<name>*`` in the same directory, flushed and fsynced, then
 renamed over the target (``os.replace``, atomic on POSIX), so a crash or SIGKILL mid-write leaves
-the previous checkpoint intact.
+the previous checkpoint intact; ``remove_stale`` deletes what such a crash left behind.
 """
 from __future__ import annotations
 
+import glob
 import os
 import random
 import tempfile
@@ -23,7 +24,7 @@ import torch
 
 from .errors import CheckpointError
 
-__all__ = ["save_atomic", "load", "all_finite", "rng_state", "set_rng_state", "KEYS"]
+__all__ = ["save_atomic", "load", "remove_stale", "all_finite", "rng_state", "set_rng_state", "KEYS"]
 
 KEYS = ("model", "ema", "optimizer", "scheduler", "step", "data_position", "skipped", "rng", "config")
 
@@ -50,6 +51,15 @@ def save_atomic(state: Dict[str, Any], path: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def remove_stale(path: str) -> list:
+    """Delete the temporary files a killed ``save_atomic(..., path)`` left; returns their paths."""
+    directory = os.path.dirname(os.path.abspath(path))
+    stale = glob.glob(os.path.join(glob.escape(directory), glob.escape(_temp_prefix(path)) + "*"))
+    for f in stale:
+        os.unlink(f)
+    return stale
 
 
 _BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")

@@ -7,11 +7,12 @@ gradients (no sync on the non-final micro-steps); then a finiteness check on the
 AdamW, the lr schedule, the logit-scale clamp (open_clip's [0, ln 100]) and the EMA update with the
 cosine momentum (0.996 -> 1). A non-finite loss raises ``NonFiniteLoss`` before the optimiser
 touches anything, leaving the last checkpoint as the last good state. SIGTERM (or ``stop_after``)
-makes the loop write a checkpoint at the end of the current step and return.
+makes the loop write a checkpoint at the end of the current step and return. At start-up, the
+temporary files of an interrupted checkpoint write are removed, and ``metrics.jsonl`` is cut back
+to the step the run starts from.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
+from . import metrics
 from .augment import make_transform
 from .data import make_eval_set, make_train_loader
 from .distributed import all_reduce_mean, all_reduce_sum, barrier, init_distributed
@@ -32,9 +34,10 @@ from .evaluate import evaluate
 from .model import METHODS
 from .step import apply_update, build_step, micro_step
 
-__all__ = ["TrainConfig", "NonFiniteLoss", "train", "CHECKPOINT"]
+__all__ = ["TrainConfig", "NonFiniteLoss", "train", "CHECKPOINT", "METRICS"]
 
 CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
 
 
 @dataclass
@@ -114,8 +117,7 @@ def _unwrap(model):
 
 def _log(cfg: TrainConfig, record: Dict[str, Any], rank: int) -> None:
     if rank == 0:
-        with open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        metrics.append(os.path.join(cfg.output_dir, METRICS), record)
 
 
 def train(cfg: TrainConfig) -> Dict[str, Any]:
@@ -145,13 +147,17 @@ def _train(cfg: TrainConfig, info, micro: int) -> Dict[str, Any]:
     rank, world, device = info.rank, info.world_size, info.device
     os.makedirs(cfg.output_dir, exist_ok=True)
     path = os.path.join(cfg.output_dir, CHECKPOINT)
+    if rank == 0:
+        stale = ckpt.remove_stale(path)
+        if stale and not cfg.quiet:
+            print(f"removed {len(stale)} temporary file(s) of an interrupted checkpoint write", file=sys.stderr)
 
     # ---- model, EMA, scorer, optimiser (same seed on every rank: identical initial weights)
     trainer = build_step(cfg, device)
     clip, tokenizer, size, model = trainer.clip, trainer.tokenizer, trainer.size, trainer.model
     ema, scorer, optimizer, scheduler = trainer.ema, trainer.scorer, trainer.optimizer, trainer.scheduler
 
-    # ---- resume
+    # ---- resume; the metrics log restarts at the step the run starts from
     step, data_pos, skipped_total = 0, 0, 0
     if cfg.resume and os.path.exists(path):
         state = ckpt.load(path)
@@ -172,6 +178,8 @@ def _train(cfg: TrainConfig, info, micro: int) -> Dict[str, Any]:
             print(f"resumed from {path} at step {step}", file=sys.stderr)
     elif cfg.resume and not cfg.quiet and rank == 0:
         print(f"--resume: no checkpoint at {path}, starting fresh", file=sys.stderr)
+    if rank == 0:
+        metrics.truncate(os.path.join(cfg.output_dir, METRICS), step)
 
     net = model
     if world > 1:
