@@ -4,12 +4,13 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 
 import pytest
 import torch
 
-from aclip_kernels.train import CHECKPOINT, NonFiniteLoss, TrainConfig, metrics, train
+from aclip_kernels.train import CHECKPOINT, NonFiniteLoss, TrainConfig, loop, metrics, train
 from aclip_kernels.train import checkpoint as ckpt
 from aclip_kernels.train import losses
 from aclip_kernels.train.__main__ import parse_args, summary
@@ -193,3 +194,47 @@ def test_metrics_truncate(tmp_path):
     assert [json.loads(line) for line in open(path)] == lines[:2]
     metrics.truncate(str(path), 0)
     assert path.read_text() == ""
+
+
+def test_divergence_names_a_checkpoint_that_resumes(tmp_path):
+    # lr 1e30 from the first step: step 1's update diverges, so its checkpoint is never written
+    with pytest.raises(NonFiniteLoss, match="at step 2 .*no checkpoint was written"):
+        train(tiny(tmp_path / "a", method="clip", steps=6, lr=1e30, ckpt_every=1))
+    assert not os.path.exists(tmp_path / "a" / CHECKPOINT)
+    # a warmup over 1e27 steps: the lr grows by 1e3 a step, the weights blow up a few steps in
+    cfg = tiny(tmp_path / "b", method="clip", steps=8, lr=1e30, warmup=10 ** 27, ckpt_every=1)
+    with pytest.raises(NonFiniteLoss) as e:
+        train(cfg)
+    failed, kept = map(int, re.search(r"at step (\d+) .*\(step (\d+)\)", str(e.value)).groups())
+    assert kept == failed - 2                   # step failed - 1 was the diverging update: not kept
+    assert ckpt.load(os.path.join(cfg.output_dir, CHECKPOINT))["step"] == kept     # finite, or load raises
+    with pytest.raises(NonFiniteLoss, match=f"at step {failed} "):                # not at once: as far again
+        train(dataclasses.replace(cfg, resume=True))
+
+
+def test_a_periodic_checkpoint_resumes_the_same_trajectory(tmp_path, monkeypatch):
+    full = train(tiny(tmp_path / "full", method="flip", steps=4))          # flip: the forward draws RNG
+    real, calls = losses.clip_loss, []
+
+    def poisoned(*a):
+        calls.append(1)
+        return real(*a) * float("nan") if len(calls) == 4 else real(*a)
+    monkeypatch.setattr(losses, "clip_loss", poisoned)
+    with pytest.raises(NonFiniteLoss, match=r"at step 4 .*\(step 2\)"):
+        train(tiny(tmp_path / "part", method="flip", steps=4, ckpt_every=2))
+    monkeypatch.undo()
+    rest = train(tiny(tmp_path / "part", method="flip", steps=4, resume=True))
+    assert rest["losses"] == full["losses"][2:]
+
+
+def test_non_finite_weights_or_optimiser_state_are_never_saved(tmp_path, monkeypatch):
+    def corrupting(state, step):
+        out = real(state, step)
+        if step == 1:                           # the last of 2 steps: its loss is never computed
+            next(iter(state.optimizer.state.values()))["exp_avg"].fill_(float("inf"))
+        return out
+    real = loop.apply_update
+    monkeypatch.setattr(loop, "apply_update", corrupting)
+    with pytest.raises(NonFiniteLoss, match=r"non-finite weights or optimiser state at step 2 .*not saved.*step 1\)"):
+        train(tiny(tmp_path, method="clip", steps=2, ckpt_every=1))
+    assert ckpt.load(os.path.join(tmp_path, CHECKPOINT))["step"] == 1

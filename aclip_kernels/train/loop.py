@@ -5,11 +5,16 @@ micro-steps); for aclip*, the EMA image tower scores the EMA view and the EMA BY
 the targets (no gradient); the online forward runs under bf16 autocast on GPU; DDP averages the
 gradients (no sync on the non-final micro-steps); then a finiteness check on the global loss,
 AdamW, the lr schedule, the logit-scale clamp (open_clip's [0, ln 100]) and the EMA update with the
-cosine momentum (0.996 -> 1). A non-finite loss raises ``NonFiniteLoss`` before the optimiser
-touches anything, leaving the last checkpoint as the last good state. SIGTERM (or ``stop_after``)
-makes the loop write a checkpoint at the end of the current step and return. At start-up, the
-temporary files of an interrupted checkpoint write are removed, and ``metrics.jsonl`` is cut back
-to the step the run starts from.
+cosine momentum (0.996 -> 1).
+
+Checkpoints. A periodic checkpoint of step k is written during step k + 1, once that step's loss,
+computed from the weights of step k, is finite and before the optimiser changes them: a checkpoint
+never holds weights that have already diverged. Any checkpoint is written only from finite weights
+and optimiser state. A non-finite loss (or state) raises ``NonFiniteLoss`` before the optimiser
+touches anything; its message names the last checkpoint, which resumes. SIGTERM (or
+``stop_after``) makes the loop write a checkpoint at the end of the current step and return. At
+start-up, the temporary files of an interrupted checkpoint write are removed, and
+``metrics.jsonl`` is cut back to the step the run starts from.
 """
 from __future__ import annotations
 
@@ -159,6 +164,7 @@ def _train(cfg: TrainConfig, info, micro: int) -> Dict[str, Any]:
 
     # ---- resume; the metrics log restarts at the step the run starts from
     step, data_pos, skipped_total = 0, 0, 0
+    written: Optional[int] = None               # the step of the last checkpoint that resumes
     if cfg.resume and os.path.exists(path):
         state = ckpt.load(path)
         saved = state.get("config", {})
@@ -172,6 +178,7 @@ def _train(cfg: TrainConfig, info, micro: int) -> Dict[str, Any]:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, data_pos, skipped_total = state["step"], state["data_position"], state["skipped"]
+        written = step
         rngs = state["rng"]
         ckpt.set_rng_state(rngs[rank] if len(rngs) == world else rngs[0])
         if not cfg.quiet and rank == 0:
@@ -197,7 +204,13 @@ def _train(cfg: TrainConfig, info, micro: int) -> Dict[str, Any]:
                                pin_memory=device.type == "cuda")
     batches = iter(loader)
 
-    def save(reason: str) -> None:
+    def last_good() -> str:
+        if written is None:
+            return "no checkpoint was written"
+        return f"the last good checkpoint is {path} (step {written}), which --resume continues from"
+
+    def snapshot(reason: str) -> Dict[str, Any]:
+        """What a checkpoint of this step holds besides the live model and optimiser (all ranks)."""
         rngs = ckpt.rng_state()
         if world > 1:
             gathered = [None] * world
@@ -205,17 +218,25 @@ def _train(cfg: TrainConfig, info, micro: int) -> Dict[str, Any]:
             rngs = gathered
         else:
             rngs = [rngs]
+        return {"step": step, "data_position": data_pos, "skipped": skipped_total, "rng": rngs,
+                "config": asdict(cfg), "reason": reason}
+
+    def save(snap: Dict[str, Any]) -> None:
+        nonlocal written
+        state = {"model": model.state_dict(), "ema": None if ema is None else ema.state_dict(),
+                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **snap}
+        if not ckpt.all_finite([state["model"], state["ema"], state["optimizer"]]):
+            raise NonFiniteLoss(f"non-finite weights or optimiser state at step {snap['step']} ({cfg.method}): "
+                                f"not saved; {last_good()}")
         if rank == 0:
-            ckpt.save_atomic({
-                "model": model.state_dict(), "ema": None if ema is None else ema.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "step": step, "data_position": data_pos,
-                "skipped": skipped_total, "rng": rngs, "config": asdict(cfg), "reason": reason}, path)
+            ckpt.save_atomic(state, path)
         barrier()
+        written = snap["step"]
 
     losses: List[float] = []
     step_times: List[float] = []
-    status, steps_here, last_ckpt_step = "done", 0, step
+    status, steps_here = "done", 0
+    due: Optional[Dict[str, Any]] = None        # the periodic checkpoint of the previous step
 
     bar = None
     if cfg.progress and rank == 0:
@@ -244,11 +265,12 @@ def _train(cfg: TrainConfig, info, micro: int) -> Dict[str, Any]:
             if not math.isfinite(loss):
                 if bar is not None:
                     bar.close()
-                where = (f"the last good checkpoint is {path} (step {last_ckpt_step})"
-                         if os.path.exists(path) else "no checkpoint was written yet")
                 raise NonFiniteLoss(f"non-finite loss {loss} at step {step + 1} ({cfg.method}, terms "
                                     f"{ {k: v for k, v in terms.items()} }); stopped before the "
-                                    f"optimiser step; {where}")
+                                    f"optimiser step; {last_good()}")
+            if due is not None:                 # the weights of the previous step gave a finite loss
+                save(due)
+                due = None
             lr, momentum = apply_update(trainer, step)
             step += 1
             steps_here += 1
@@ -274,11 +296,10 @@ def _train(cfg: TrainConfig, info, micro: int) -> Dict[str, Any]:
                 status = "stopped"
                 break
             if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
-                save("periodic")
-                last_ckpt_step = step
+                due = snapshot("periodic")
     if bar is not None:
         bar.close()
-    save("sigterm" if status == "stopped" and stop.flag else "end" if status == "done" else "stop_after")
+    save(snapshot("sigterm" if status == "stopped" and stop.flag else "end" if status == "done" else "stop_after"))
 
     timed = step_times[1:] or step_times
     result = {"status": status, "step": step, "losses": losses, "checkpoint": path,
