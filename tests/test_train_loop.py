@@ -10,7 +10,7 @@ import signal
 import pytest
 import torch
 
-from aclip_kernels.train import CHECKPOINT, NonFiniteLoss, TrainConfig, loop, metrics, train
+from aclip_kernels.train import CHECKPOINT, NonFiniteLoss, Stopped, TrainConfig, loop, metrics, train
 from aclip_kernels.train import checkpoint as ckpt
 from aclip_kernels.train import losses
 from aclip_kernels.train.__main__ import parse_args, summary
@@ -238,3 +238,15 @@ def test_non_finite_weights_or_optimiser_state_are_never_saved(tmp_path, monkeyp
     with pytest.raises(NonFiniteLoss, match=r"non-finite weights or optimiser state at step 2 .*not saved.*step 1\)"):
         train(tiny(tmp_path, method="clip", steps=2, ckpt_every=1))
     assert ckpt.load(os.path.join(tmp_path, CHECKPOINT))["step"] == 1
+
+
+def test_sigterm_during_start_up_stops_at_once(tmp_path, monkeypatch):
+    def signalling(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the start-up")
+    monkeypatch.setattr(loop, "make_train_loader", signalling)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Stopped, match="SIGTERM during start-up"):
+        train(tiny(tmp_path, method="clip"))
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert not os.path.exists(tmp_path / CHECKPOINT)

@@ -9,7 +9,7 @@ WebDataset, batching, data position), ``augment`` (three-crop), ``losses``, ``mo
 Two defects of the published A-CLIP code are fixed here: the SimCLR term compared view 1 with
 itself (``losses``), and the union box's left edge was ``min(left1, height2)`` (``augment``).
 """
-from .errors import NonFiniteLoss, UserError
+from .errors import NonFiniteLoss, Stopped, UserError
 from .loop import CHECKPOINT, TrainConfig, train
 
-__all__ = ["TrainConfig", "train", "NonFiniteLoss", "UserError", "CHECKPOINT"]
+__all__ = ["TrainConfig", "train", "NonFiniteLoss", "UserError", "Stopped", "CHECKPOINT"]

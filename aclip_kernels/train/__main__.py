@@ -6,7 +6,8 @@
 
 At the end it prints the metrics (zero-shot accuracy beside the chance level), the mean step time
 and the wall time. Exit status: 0 done or stopped cleanly (SIGTERM / --stop-after: a checkpoint was
-written), 2 for a non-finite loss (the last good checkpoint is left as it was).
+written; SIGTERM before the first step: nothing to write), 2 for a non-finite loss (the last good
+checkpoint is left as it was).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import argparse
 import sys
 import time
 
-from .errors import NonFiniteLoss
+from .errors import NonFiniteLoss, Stopped
 from .loop import TrainConfig, train
 from .model import METHODS
 
@@ -101,6 +102,9 @@ def main(argv=None) -> int:
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 0
     from .distributed import rank
     if rank() == 0:
         print(summary(cfg, result, time.time() - t0), flush=True)

@@ -2,7 +2,7 @@
 data or checkpoint) and a ``NonFiniteLoss`` as one ``error: ...`` line with exit status 2."""
 from __future__ import annotations
 
-__all__ = ["UserError", "DataError", "CheckpointError", "NonFiniteLoss"]
+__all__ = ["UserError", "DataError", "CheckpointError", "NonFiniteLoss", "Stopped"]
 
 
 class UserError(ValueError):
@@ -28,3 +28,7 @@ class CheckpointError(UserError):
 class NonFiniteLoss(RuntimeError):
     """A non-finite loss, or non-finite weights or optimiser state at a checkpoint: the run stops
     before the bad state is saved, and the message names the last checkpoint that resumes."""
+
+
+class Stopped(Exception):
+    """SIGTERM before the first step: nothing new to save."""

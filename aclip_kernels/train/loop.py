@@ -12,9 +12,10 @@ computed from the weights of step k, is finite and before the optimiser changes 
 never holds weights that have already diverged. Any checkpoint is written only from finite weights
 and optimiser state. A non-finite loss (or state) raises ``NonFiniteLoss`` before the optimiser
 touches anything; its message names the last checkpoint, which resumes. SIGTERM (or
-``stop_after``) makes the loop write a checkpoint at the end of the current step and return. At
-start-up, the temporary files of an interrupted checkpoint write are removed, and
-``metrics.jsonl`` is cut back to the step the run starts from.
+``stop_after``) makes the loop write a checkpoint at the end of the current step and return; a
+SIGTERM during the start-up (model, resume, data) raises ``Stopped`` at once. At start-up, the
+temporary files of an interrupted checkpoint write are removed, and ``metrics.jsonl`` is cut back
+to the step the run starts from.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional
@@ -34,7 +36,7 @@ from . import metrics
 from .augment import make_transform
 from .data import make_eval_set, make_train_loader
 from .distributed import all_reduce_mean, all_reduce_sum, barrier, init_distributed
-from .errors import NonFiniteLoss
+from .errors import NonFiniteLoss, Stopped
 from .evaluate import evaluate
 from .model import METHODS
 from .step import apply_update, build_step, micro_step
@@ -92,23 +94,36 @@ class TrainConfig:
 
 
 class _Stop:
-    """SIGTERM flag (installed on the main thread only)."""
+    """SIGTERM handling (main thread only). Until ``defer()`` a SIGTERM raises ``Stopped`` (start-up:
+    nothing to save yet); after it, it sets ``flag`` and the loop checkpoints at the end of the step.
+    ``restore()`` puts the previous handler back. Forked DataLoader workers inherit the handler and
+    only set the flag: the main process decides."""
 
     def __init__(self):
-        self.flag, self.previous = False, None
+        self.flag, self.deferred, self.installed, self.previous = False, False, False, None
+        self.pid = os.getpid()
 
     def __enter__(self):
-        import threading
         if threading.current_thread() is threading.main_thread():
             self.previous = signal.signal(signal.SIGTERM, self._handle)
+            self.installed = True
         return self
 
     def _handle(self, signum, frame):
         self.flag = True
+        if not self.deferred and os.getpid() == self.pid:
+            raise Stopped("SIGTERM during start-up, before the first step: nothing to save")
+
+    def defer(self) -> None:
+        self.deferred = True
+
+    def restore(self) -> None:
+        if self.installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self.previous is None else self.previous)
+            self.installed = False
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
+        self.restore()
 
 
 def _to(batch: Dict[str, Any], device) -> Dict[str, Any]:
@@ -128,27 +143,29 @@ def _log(cfg: TrainConfig, record: Dict[str, Any], rank: int) -> None:
 def train(cfg: TrainConfig) -> Dict[str, Any]:
     """Run (or resume) a training run. Returns {"status": "done" | "stopped", "step", "losses"
     (this process's per-step global losses, in step order), "metrics", "mean_step_time",
-    "skipped", "checkpoint"}. Raises NonFiniteLoss on a NaN/inf loss."""
+    "skipped", "checkpoint"}. Raises NonFiniteLoss on a NaN/inf loss, ``Stopped`` on SIGTERM
+    before the first step."""
     if cfg.method not in METHODS:
         raise ValueError(f"--method {cfg.method!r} must be one of {METHODS}")
-    info = init_distributed(cfg.device)
-    world, device = info.world_size, info.device
-    if cfg.batch_size % (cfg.accum * world):
-        raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by accum ({cfg.accum}) x "
-                         f"world size ({world})")
-    micro = cfg.batch_size // cfg.accum
-    threads_before = torch.get_num_threads()
-    if device.type == "cpu":
-        # small CPU ops pay a parallel-region barrier per thread: leave a core to the data worker
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        torch.set_num_threads(cfg.threads or max(1, (cores or 1) // world - cfg.workers))
-    try:
-        return _train(cfg, info, micro)
-    finally:
-        torch.set_num_threads(threads_before)
+    with _Stop() as stop:                       # before the slow start-up
+        info = init_distributed(cfg.device)
+        world, device = info.world_size, info.device
+        if cfg.batch_size % (cfg.accum * world):
+            raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by accum ({cfg.accum}) x "
+                             f"world size ({world})")
+        micro = cfg.batch_size // cfg.accum
+        threads_before = torch.get_num_threads()
+        if device.type == "cpu":
+            # small CPU ops pay a parallel-region barrier per thread: leave a core to the data worker
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+            torch.set_num_threads(cfg.threads or max(1, (cores or 1) // world - cfg.workers))
+        try:
+            return _train(cfg, info, micro, stop)
+        finally:
+            torch.set_num_threads(threads_before)
 
 
-def _train(cfg: TrainConfig, info, micro: int) -> Dict[str, Any]:
+def _train(cfg: TrainConfig, info, micro: int, stop: _Stop) -> Dict[str, Any]:
     rank, world, device = info.rank, info.world_size, info.device
     os.makedirs(cfg.output_dir, exist_ok=True)
     path = os.path.join(cfg.output_dir, CHECKPOINT)
@@ -243,63 +260,64 @@ def _train(cfg: TrainConfig, info, micro: int) -> Dict[str, Any]:
         from tqdm import tqdm
         bar = tqdm(total=cfg.steps, initial=step, desc=f"{cfg.method}", dynamic_ncols=True,
                    file=sys.stderr, mininterval=1.0)
-    with _Stop() as stop:
-        while step < cfg.steps:
-            t0 = time.perf_counter()
-            model.train()
-            terms: Dict[str, float] = {}
-            skipped = 0
-            for m in range(cfg.accum):
-                batch = _to(next(batches), device)
-                data_pos += 1
-                skipped += batch.pop("skipped")
-                sync = m == cfg.accum - 1 or world == 1
-                out = micro_step(trainer, net, batch, cfg.accum, no_sync=not sync and hasattr(net, "no_sync"))
-                for k, v in out.items():
-                    terms[k] = terms.get(k, 0.0) + float(v.detach()) / cfg.accum
-            keys = sorted(terms)
-            reduced = all_reduce_mean(torch.tensor([terms[k] for k in keys], dtype=torch.float64))
-            terms = dict(zip(keys, reduced.tolist()))
-            skipped_total += int(all_reduce_sum(torch.tensor(skipped)).item())
-            loss = terms["loss"]
-            if not math.isfinite(loss):
-                if bar is not None:
-                    bar.close()
-                raise NonFiniteLoss(f"non-finite loss {loss} at step {step + 1} ({cfg.method}, terms "
-                                    f"{ {k: v for k, v in terms.items()} }); stopped before the "
-                                    f"optimiser step; {last_good()}")
-            if due is not None:                 # the weights of the previous step gave a finite loss
-                save(due)
-                due = None
-            lr, momentum = apply_update(trainer, step)
-            step += 1
-            steps_here += 1
-            losses.append(loss)
-            dt = time.perf_counter() - t0
-            step_times.append(dt)
+    stop.defer()
+    while step < cfg.steps:
+        t0 = time.perf_counter()
+        model.train()
+        terms: Dict[str, float] = {}
+        skipped = 0
+        for m in range(cfg.accum):
+            batch = _to(next(batches), device)
+            data_pos += 1
+            skipped += batch.pop("skipped")
+            sync = m == cfg.accum - 1 or world == 1
+            out = micro_step(trainer, net, batch, cfg.accum, no_sync=not sync and hasattr(net, "no_sync"))
+            for k, v in out.items():
+                terms[k] = terms.get(k, 0.0) + float(v.detach()) / cfg.accum
+        keys = sorted(terms)
+        reduced = all_reduce_mean(torch.tensor([terms[k] for k in keys], dtype=torch.float64))
+        terms = dict(zip(keys, reduced.tolist()))
+        skipped_total += int(all_reduce_sum(torch.tensor(skipped)).item())
+        loss = terms["loss"]
+        if not math.isfinite(loss):
             if bar is not None:
-                post = dict(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
-                if skipped_total:
-                    post["skipped"] = skipped_total
-                bar.set_postfix(post, refresh=False)
-                bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.steps or step == 1:
-                rec = {"step": step, "lr": lr, "step_time": dt, "samples_per_s": cfg.batch_size / dt,
-                       "skipped": skipped_total, "logit_scale": float(clip.logit_scale.detach().exp())}
-                rec.update(terms)
-                if momentum is not None:
-                    rec["ema_momentum"] = momentum
-                _log(cfg, rec, rank)
-            # all ranks must agree to stop: reduce the SIGTERM flag
-            stopping = bool(all_reduce_sum(torch.tensor(int(stop.flag))).item())
-            if stopping or (cfg.stop_after is not None and steps_here >= cfg.stop_after):
-                status = "stopped"
-                break
-            if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
-                due = snapshot("periodic")
+                bar.close()
+            raise NonFiniteLoss(f"non-finite loss {loss} at step {step + 1} ({cfg.method}, terms "
+                                f"{ {k: v for k, v in terms.items()} }); stopped before the "
+                                f"optimiser step; {last_good()}")
+        if due is not None:                 # the weights of the previous step gave a finite loss
+            save(due)
+            due = None
+        lr, momentum = apply_update(trainer, step)
+        step += 1
+        steps_here += 1
+        losses.append(loss)
+        dt = time.perf_counter() - t0
+        step_times.append(dt)
+        if bar is not None:
+            post = dict(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
+            if skipped_total:
+                post["skipped"] = skipped_total
+            bar.set_postfix(post, refresh=False)
+            bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.steps or step == 1:
+            rec = {"step": step, "lr": lr, "step_time": dt, "samples_per_s": cfg.batch_size / dt,
+                   "skipped": skipped_total, "logit_scale": float(clip.logit_scale.detach().exp())}
+            rec.update(terms)
+            if momentum is not None:
+                rec["ema_momentum"] = momentum
+            _log(cfg, rec, rank)
+        # all ranks must agree to stop: reduce the SIGTERM flag
+        stopping = bool(all_reduce_sum(torch.tensor(int(stop.flag))).item())
+        if stopping or (cfg.stop_after is not None and steps_here >= cfg.stop_after):
+            status = "stopped"
+            break
+        if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
+            due = snapshot("periodic")
     if bar is not None:
         bar.close()
     save(snapshot("sigterm" if status == "stopped" and stop.flag else "end" if status == "done" else "stop_after"))
+    stop.restore()
 
     timed = step_times[1:] or step_times
     result = {"status": status, "step": step, "losses": losses, "checkpoint": path,
