@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -36,15 +36,17 @@ from . import metrics
 from .augment import make_transform
 from .data import make_eval_set, make_train_loader
 from .distributed import all_reduce_mean, all_reduce_sum, barrier, init_distributed
-from .errors import NonFiniteLoss, Stopped
+from .errors import CheckpointError, NonFiniteLoss, Stopped, UserError
 from .evaluate import evaluate
 from .model import METHODS
-from .step import apply_update, build_step, micro_step
+from .step import StepState, apply_update, build_step, micro_step
 
 __all__ = ["TrainConfig", "NonFiniteLoss", "train", "CHECKPOINT", "METRICS"]
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
+# a resumed run must match the checkpoint in these
+RESUME_KEYS = ("method", "model", "data", "batch_size", "accum", "seed", "image_size", "ssl_dim", "ssl_hidden")
 
 
 @dataclass
@@ -143,16 +145,16 @@ def _log(cfg: TrainConfig, record: Dict[str, Any], rank: int) -> None:
 def train(cfg: TrainConfig) -> Dict[str, Any]:
     """Run (or resume) a training run. Returns {"status": "done" | "stopped", "step", "losses"
     (this process's per-step global losses, in step order), "metrics", "mean_step_time",
-    "skipped", "checkpoint"}. Raises NonFiniteLoss on a NaN/inf loss, ``Stopped`` on SIGTERM
-    before the first step."""
+    "skipped", "checkpoint"}. Raises NonFiniteLoss on a NaN/inf loss, ``UserError`` for a config,
+    data source or checkpoint that cannot work, ``Stopped`` on SIGTERM before the first step."""
     if cfg.method not in METHODS:
-        raise ValueError(f"--method {cfg.method!r} must be one of {METHODS}")
+        raise UserError(f"--method {cfg.method!r} must be one of {METHODS}")
     with _Stop() as stop:                       # before the slow start-up
         info = init_distributed(cfg.device)
         world, device = info.world_size, info.device
         if cfg.batch_size % (cfg.accum * world):
-            raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by accum ({cfg.accum}) x "
-                             f"world size ({world})")
+            raise UserError(f"--batch-size {cfg.batch_size} must be divisible by accum ({cfg.accum}) x "
+                            f"world size ({world})")
         micro = cfg.batch_size // cfg.accum
         threads_before = torch.get_num_threads()
         if device.type == "cpu":
@@ -163,6 +165,41 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             return _train(cfg, info, micro, stop)
         finally:
             torch.set_num_threads(threads_before)
+
+
+def _check_fits(cfg: TrainConfig, trainer: StepState) -> None:
+    """The flags that depend on the model's patch grid."""
+    grid = getattr(trainer.clip.visual, "grid_size", None)
+    if grid is None:
+        return
+    if min(grid) < 1:
+        raise UserError(f"image size {trainer.size} is smaller than a patch of {cfg.model}")
+    if trainer.aclip and (grid[0] % cfg.block or grid[1] % cfg.block):
+        raise UserError(f"--block {cfg.block} must divide the {grid[0]}x{grid[1]} patch grid of {cfg.model} "
+                        f"at {trainer.size} px")
+
+
+def _resume(cfg: TrainConfig, trainer: StepState, path: str, rank: int, world: int) -> Tuple[int, int, int]:
+    """Load the checkpoint ``path`` into ``trainer`` and this rank's RNGs; returns (step, data
+    position, skipped samples)."""
+    state = ckpt.load(path)
+    saved = state["config"]
+    for key in RESUME_KEYS:
+        if key in saved and saved[key] != getattr(cfg, key):
+            raise CheckpointError(f"--resume: the checkpoint {path} was written with {key}={saved[key]!r}, "
+                                  f"this run has {getattr(cfg, key)!r}")
+    try:
+        trainer.model.load_state_dict(state["model"])
+        if trainer.ema is not None:
+            trainer.ema.load_state_dict(state["ema"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.scheduler.load_state_dict(state["scheduler"])
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"--resume: the checkpoint {path} does not fit this run: "
+                              f"{str(e).strip().splitlines()[0][:300]}") from None
+    rngs = state["rng"]
+    ckpt.set_rng_state(rngs[rank] if len(rngs) == world else rngs[0])
+    return state["step"], state["data_position"], state["skipped"]
 
 
 def _train(cfg: TrainConfig, info, micro: int, stop: _Stop) -> Dict[str, Any]:
@@ -176,6 +213,7 @@ def _train(cfg: TrainConfig, info, micro: int, stop: _Stop) -> Dict[str, Any]:
 
     # ---- model, EMA, scorer, optimiser (same seed on every rank: identical initial weights)
     trainer = build_step(cfg, device)
+    _check_fits(cfg, trainer)
     clip, tokenizer, size, model = trainer.clip, trainer.tokenizer, trainer.size, trainer.model
     ema, scorer, optimizer, scheduler = trainer.ema, trainer.scorer, trainer.optimizer, trainer.scheduler
 
@@ -183,21 +221,8 @@ def _train(cfg: TrainConfig, info, micro: int, stop: _Stop) -> Dict[str, Any]:
     step, data_pos, skipped_total = 0, 0, 0
     written: Optional[int] = None               # the step of the last checkpoint that resumes
     if cfg.resume and os.path.exists(path):
-        state = ckpt.load(path)
-        saved = state.get("config", {})
-        for key in ("method", "model", "data", "batch_size", "accum", "seed", "image_size"):
-            if key in saved and saved[key] != getattr(cfg, key):
-                raise ValueError(f"--resume: the checkpoint {path} was written with {key}={saved[key]!r}, "
-                                 f"this run has {getattr(cfg, key)!r}")
-        model.load_state_dict(state["model"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, data_pos, skipped_total = state["step"], state["data_position"], state["skipped"]
+        step, data_pos, skipped_total = _resume(cfg, trainer, path, rank, world)
         written = step
-        rngs = state["rng"]
-        ckpt.set_rng_state(rngs[rank] if len(rngs) == world else rngs[0])
         if not cfg.quiet and rank == 0:
             print(f"resumed from {path} at step {step}", file=sys.stderr)
     elif cfg.resume and not cfg.quiet and rank == 0:
