@@ -1,17 +1,20 @@
-"""Reference training loop, data: the embedded set, CSV and WebDataset loaders, bad samples."""
+"""Reference training loop, data: the embedded set, CSV and WebDataset loaders, bad samples, sources
+that fail fast."""
 import io
 import os
 import tarfile
 import unicodedata
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from aclip_kernels.train.augment import SingleView
-from aclip_kernels.train.data import (CSVSource, MicroBatchSampler, TrainSet, WebDatasetStream, collate,
-                                      make_eval_set, make_train_loader)
+from aclip_kernels.train.data import (MAX_BAD_IN_A_ROW, MAX_CAPTION_CHARS, CSVSource, MicroBatchSampler, TrainSet,
+                                      WebDatasetStream, check_data, collate, make_eval_set, make_train_loader)
 from aclip_kernels.train.embedded import EmbeddedDataset
+from aclip_kernels.train.errors import DataError
 
 
 def fake_tokenizer(texts):
@@ -123,3 +126,76 @@ def test_collate_boxes_view_major():
     out = collate(items)
     assert out["boxes"][:, 0].tolist() == [0, 1, 2, 10, 11, 12]
     assert out["skipped"] == 3 and out["view1"].shape == (3, 3, 2, 2)
+
+
+def test_csv_row_errors_of_every_kind_are_skipped_and_counted_as_in_tar(tmp_path):
+    """The same five samples (one good, then a caption that is not UTF-8, one over the csv field
+    limit, an undecodable image, a missing image) as CSV rows and as WebDataset samples."""
+    good, long = _png_bytes((200, 0, 0)), b"x" * (MAX_CAPTION_CHARS + 1)
+    (tmp_path / "good.png").write_bytes(good)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    (tmp_path / "data.csv").write_bytes(b"filepath\ttitle\ngood.png\tred\ngood.png\tcaf\xe9\n"
+                                        b"good.png\t" + long + b"\nbroken.png\tbroken\nmissing.png\tmissing\n")
+    _write_shard(tmp_path / "data.tar", [("s0", {"png": good, "txt": b"red"}), ("s1", {"png": good, "txt": b"caf\xe9"}),
+                                         ("s2", {"png": good, "txt": long}), ("s3", {"png": b"not a png", "txt": b"b"}),
+                                         ("s4", {"txt": b"missing"})])
+    csv_set = TrainSet(CSVSource(str(tmp_path / "data.csv")), SingleView(8), fake_tokenizer)
+    assert len(csv_set) == 5
+    csv_items = [csv_set[(0, i)] for i in range(1, 5)]            # each falls through to row 0
+    assert [it["index"] for it in csv_items] == [0] * 4 and [it["skipped"] for it in csv_items] == [4, 3, 2, 1]
+    tar = list(WebDatasetStream(str(tmp_path / "data.tar"), SingleView(8), fake_tokenizer, repeat=False).raw())
+    assert [caption for *_, caption, _ in tar] == ["red"]
+    tar_repeat = WebDatasetStream(str(tmp_path / "data.tar"), SingleView(8), fake_tokenizer)
+    items = iter(tar_repeat)
+    assert [next(items)["skipped"] for _ in range(2)] == [0, 4]   # the 4 bad samples before the 2nd good one
+    csv_eval, tar_eval = make_eval_set(str(tmp_path / "data.csv"), 8), make_eval_set(str(tmp_path / "data.tar"), 8)
+    assert len(csv_eval) == len(tar_eval) == 1 and csv_eval.skipped == 4
+
+
+def test_a_bad_run_of_64_is_skipped_and_65_stop_the_run(tmp_path):
+    assert MAX_BAD_IN_A_ROW == 64
+    (tmp_path / "good.png").write_bytes(_png_bytes((0, 90, 0)))
+    for bad, ok in ((64, True), (65, False)):
+        rows = "".join(f"missing{i}.png\tc\n" for i in range(bad)) + "good.png\tgreen\n"
+        (tmp_path / "d.csv").write_text("filepath\ttitle\n" + rows)
+        _write_shard(tmp_path / "d.tar", [(f"s{i:03d}", {"png": b"bad", "txt": b"c"}) for i in range(bad)]
+                     + [("zgood", {"png": _png_bytes((0, 90, 0)), "txt": b"green"})])
+        csv_set = TrainSet(CSVSource(str(tmp_path / "d.csv")), SingleView(8), fake_tokenizer)
+        stream = iter(WebDatasetStream(str(tmp_path / "d.tar"), SingleView(8), fake_tokenizer))
+        if ok:
+            assert csv_set[(0, 0)]["skipped"] == 64 and next(stream)["skipped"] == 64
+        else:
+            with pytest.raises(DataError, match=r"^65 bad samples in a row .*FileNotFoundError"):
+                csv_set[(0, 0)]
+            with pytest.raises(DataError, match=r"^65 bad samples in a row .*d\.tar"):
+                next(stream)
+
+
+def test_missing_empty_or_unreadable_sources_fail_fast_with_one_line(tmp_path):
+    (tmp_path / "no-tars").mkdir()
+    (tmp_path / "header.csv").write_text("filepath\ttitle\n")
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "columns.csv").write_text("path\tcaption\nx.png\tx\n")
+    (tmp_path / "garbage.tar").write_bytes(b"not a tar" * 100)
+    _write_shard(tmp_path / "nosample.tar", [("a", {"txt": b"caption only"}), ("b", {"png": b"bad"})])
+    (tmp_path / "bad.csv").write_text("filepath\ttitle\n" + "".join(f"m{i}.png\tc\n" for i in range(10)))
+    cases = {str(tmp_path / "shard-{000..002}.tar"): "3 of 3 shards do not exist",
+             str(tmp_path / "missing.csv"): "does not exist", str(tmp_path / "no-tars"): "no shards",
+             str(tmp_path / "header.csv"): "has no rows", str(tmp_path / "empty.csv"): "is empty",
+             str(tmp_path / "columns.csv"): "lack 'filepath'", str(tmp_path / "garbage.tar"): "no readable sample",
+             str(tmp_path / "nosample.tar"): "no readable sample",
+             str(tmp_path / "bad.csv"): "^10 bad samples in a row from index"}
+    for spec, message in cases.items():
+        with pytest.raises(DataError, match=message) as e:
+            check_data(spec)
+            loader = make_train_loader(spec, SingleView(8), fake_tokenizer, micro_batch=2, rank=0, world=1,
+                                       seed=0, start=0)
+            next(iter(loader))
+        assert len(str(e.value).splitlines()) == 1, spec
+    # from a DataLoader worker too: the traceback it arrives in is cut to the message
+    batches = iter(make_train_loader(str(tmp_path / "bad.csv"), SingleView(8), fake_tokenizer, micro_batch=2,
+                                     rank=0, world=1, seed=0, start=0, workers=1))
+    with pytest.raises(DataError, match="^10 bad samples in a row") as e:
+        next(batches)
+    assert len(str(e.value).splitlines()) == 1
+    del e, batches                                          # the worker stops now, not at teardown

@@ -1,16 +1,20 @@
 """Reference training loop: every method runs, resume is exact, checkpoints are atomic, a
 non-finite loss stops cleanly, SIGTERM checkpoints. Tiny config (ACLIP-Test, 16 px, batch 8)."""
+import dataclasses
+import json
 import math
 import os
+import re
 import signal
 
 import pytest
 import torch
 
-from aclip_kernels.train import CHECKPOINT, NonFiniteLoss, TrainConfig, train
+from aclip_kernels.train import CHECKPOINT, NonFiniteLoss, Stopped, TrainConfig, loop, metrics, train
 from aclip_kernels.train import checkpoint as ckpt
 from aclip_kernels.train import losses
 from aclip_kernels.train.__main__ import parse_args, summary
+from aclip_kernels.train.errors import CheckpointError
 
 
 def tiny(tmp_path, **kw):
@@ -67,7 +71,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         ckpt.save_atomic({"step": 2}, path)
     monkeypatch.undo()
-    assert ckpt.load(path)["step"] == 1
+    assert torch.load(path, weights_only=True)["step"] == 1
     assert os.listdir(tmp_path) == ["c.pt"]                    # no temp file left behind
 
 
@@ -103,11 +107,13 @@ def test_sigterm_writes_a_checkpoint_and_stops(tmp_path, monkeypatch):
     assert signal.getsignal(signal.SIGTERM) is not None
 
 
-def test_cli_parses_the_flags():
-    cfg = parse_args(["--method", "aclip-eff", "--model", "ViT-B-16", "--data", "x.csv", "--steps", "7",
+def test_cli_parses_the_flags(tmp_path):
+    data = tmp_path / "x.csv"
+    data.write_text("filepath\ttitle\n")
+    cfg = parse_args(["--method", "aclip-eff", "--model", "ViT-B-16", "--data", str(data), "--steps", "7",
                       "--batch-size", "16", "--output-dir", "d", "--resume", "--save-masks"])
     assert (cfg.method, cfg.model, cfg.data, cfg.steps, cfg.batch_size, cfg.resume, cfg.save_masks) == \
-        ("aclip-eff", "ViT-B-16", "x.csv", 7, 16, True, True)
+        ("aclip-eff", "ViT-B-16", str(data), 7, 16, True, True)
 
 
 def test_user_data_csv_and_webdataset_train_and_evaluate(tmp_path):
@@ -137,3 +143,94 @@ def test_user_data_csv_and_webdataset_train_and_evaluate(tmp_path):
     wds_run = train(tiny(tmp_path / "wds", method="aclip", steps=2, data=str(tmp_path / "shard-000.tar"),
                          val_data=str(tmp_path / "shard-000.tar"), evaluate=True))
     assert all(math.isfinite(x) for x in wds_run["losses"]) and wds_run["metrics"]["val_samples"] == 12
+
+
+def test_checkpoints_hold_only_tensors_and_plain_containers(tmp_path):
+    train(tiny(tmp_path, method="aclip", steps=1))
+    state = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    assert "scaler" not in state and isinstance(state["config"], dict)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="cannot load checkpoint"):
+        ckpt.load(str(tmp_path / "empty.pt"))
+
+
+def test_resume_logs_each_step_once_and_removes_stale_temporary_files(tmp_path):
+    cfg = tiny(tmp_path, method="clip", steps=2)
+    train(cfg)
+    step2 = (tmp_path / CHECKPOINT).read_bytes()
+    train(dataclasses.replace(cfg, steps=4, stop_after=1, resume=True))      # logs step 3, checkpoints it
+    (tmp_path / CHECKPOINT).write_bytes(step2)         # as if killed while writing the step 3 checkpoint
+    (tmp_path / ".tmp-checkpoint.pt1a2b3c").write_bytes(b"partial")
+    train(dataclasses.replace(cfg, steps=4, resume=True))
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [(r["step"], r.get("final", False)) for r in records] == [(1, False), (2, False), (3, False),
+                                                                     (4, False), (4, True)]
+    assert sorted(os.listdir(tmp_path)) == [CHECKPOINT, "metrics.jsonl"]
+
+
+def test_metrics_truncate(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [{"step": 1}, {"step": 2}, {"final": True, "step": 2}, {"step": 3}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 4, "lo')     # a half-written line
+    metrics.truncate(str(path), 3)
+    assert [json.loads(line) for line in open(path)] == lines
+    metrics.truncate(str(path), 2)
+    assert [json.loads(line) for line in open(path)] == lines[:2]
+    metrics.truncate(str(path), 0)
+    assert path.read_text() == ""
+
+
+def test_divergence_names_a_checkpoint_that_resumes(tmp_path):
+    # lr 1e30 from the first step: step 1's update diverges, so its checkpoint is never written
+    with pytest.raises(NonFiniteLoss, match="at step 2 .*no checkpoint was written"):
+        train(tiny(tmp_path / "a", method="clip", steps=6, lr=1e30, ckpt_every=1))
+    assert not os.path.exists(tmp_path / "a" / CHECKPOINT)
+    # a warmup over 1e27 steps: the lr grows by 1e3 a step, the weights blow up a few steps in
+    cfg = tiny(tmp_path / "b", method="clip", steps=8, lr=1e30, warmup=10 ** 27, ckpt_every=1)
+    with pytest.raises(NonFiniteLoss) as e:
+        train(cfg)
+    failed, kept = map(int, re.search(r"at step (\d+) .*\(step (\d+)\)", str(e.value)).groups())
+    assert kept == failed - 2                   # step failed - 1 was the diverging update: not kept
+    assert ckpt.load(os.path.join(cfg.output_dir, CHECKPOINT))["step"] == kept     # finite, or load raises
+    with pytest.raises(NonFiniteLoss, match=f"at step {failed} "):                # not at once: as far again
+        train(dataclasses.replace(cfg, resume=True))
+
+
+def test_a_periodic_checkpoint_resumes_the_same_trajectory(tmp_path, monkeypatch):
+    full = train(tiny(tmp_path / "full", method="flip", steps=4))          # flip: the forward draws RNG
+    real, calls = losses.clip_loss, []
+
+    def poisoned(*a):
+        calls.append(1)
+        return real(*a) * float("nan") if len(calls) == 4 else real(*a)
+    monkeypatch.setattr(losses, "clip_loss", poisoned)
+    with pytest.raises(NonFiniteLoss, match=r"at step 4 .*\(step 2\)"):
+        train(tiny(tmp_path / "part", method="flip", steps=4, ckpt_every=2))
+    monkeypatch.undo()
+    rest = train(tiny(tmp_path / "part", method="flip", steps=4, resume=True))
+    assert rest["losses"] == full["losses"][2:]
+
+
+def test_non_finite_weights_or_optimiser_state_are_never_saved(tmp_path, monkeypatch):
+    def corrupting(state, step):
+        out = real(state, step)
+        if step == 1:                           # the last of 2 steps: its loss is never computed
+            next(iter(state.optimizer.state.values()))["exp_avg"].fill_(float("inf"))
+        return out
+    real = loop.apply_update
+    monkeypatch.setattr(loop, "apply_update", corrupting)
+    with pytest.raises(NonFiniteLoss, match=r"non-finite weights or optimiser state at step 2 .*not saved.*step 1\)"):
+        train(tiny(tmp_path, method="clip", steps=2, ckpt_every=1))
+    assert ckpt.load(os.path.join(tmp_path, CHECKPOINT))["step"] == 1
+
+
+def test_sigterm_during_start_up_stops_at_once(tmp_path, monkeypatch):
+    def signalling(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the start-up")
+    monkeypatch.setattr(loop, "make_train_loader", signalling)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Stopped, match="SIGTERM during start-up"):
+        train(tiny(tmp_path, method="clip"))
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert not os.path.exists(tmp_path / CHECKPOINT)

@@ -11,9 +11,13 @@ by (seed, epoch) and micro-batch j is a pure function of j, so the data position
 a resumed or a differently sized run sees the same global batches. A sample's augmentation draws
 from a generator seeded by (seed, epoch, sample index), independent of rank and worker.
 
-Bad samples (a missing or unreadable image, an empty caption) are skipped and counted: a map-style
-source falls through to the next index, a stream to its next sample, so batches keep their size
-(the distributed all-gather needs equal sizes) and the count reaches the logs as "skipped".
+Bad samples are skipped and counted, the same in every source: a missing or undecodable image, an
+empty caption, one over 131072 characters (``MAX_CAPTION_CHARS``, csv's field limit) or not UTF-8,
+and a CSV row the csv module cannot parse. A map-style source falls through to the next index, a
+stream to its next sample, so batches keep their size (the distributed all-gather needs equal
+sizes) and the count reaches the logs as "skipped". More than ``MAX_BAD_IN_A_ROW`` (64) bad samples
+in a row, a pass over the shards without one good sample, a missing shard or an unreadable CSV
+raise ``DataError``: the run stops at once with one line saying why.
 
 WebDataset: shards (a list, a brace pattern "data-{000..099}.tar", or a directory) with an image
 (jpg/jpeg/png/webp) and a caption (txt) per sample. With at least as many shards as ranks, rank r
@@ -38,10 +42,14 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from .augment import EvalTransform, to_tensor
 from .embedded import EmbeddedDataset
+from .errors import DataError
 
 __all__ = ["CSVSource", "EmbeddedSource", "TrainSet", "MicroBatchSampler", "WebDatasetStream",
            "collate", "sample_seed", "make_train_loader", "make_eval_set", "is_webdataset",
-           "expand_shards"]
+           "expand_shards", "check_data", "MAX_BAD_IN_A_ROW", "MAX_CAPTION_CHARS"]
+
+MAX_BAD_IN_A_ROW = 64
+MAX_CAPTION_CHARS = 131072
 
 
 @contextlib.contextmanager
@@ -82,28 +90,51 @@ class EmbeddedSource:
 class CSVSource:
     """A CSV / TSV of (image path, caption), open_clip's convention (keys "filepath" and "title",
     tab-separated; a comma is detected from the header). Relative paths are resolved against the
-    CSV's directory when they do not exist as given."""
+    CSV's directory when they do not exist as given. A row that is not UTF-8 or that the csv
+    module rejects (a field over ``csv.field_size_limit()``) fails alone, in ``load``."""
 
     def __init__(self, path: str, img_key: str = "filepath", caption_key: str = "title",
                  separator: Optional[str] = None):
         self.path = path
-        with open(path, newline="", encoding="utf-8") as f:
-            text = f.read()
+        try:
+            with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+                text = f.read()
+        except OSError as e:
+            raise DataError(f"cannot read {path}: {e.strerror or e}") from None
         if separator is None:
-            header = text.split("\n", 1)[0]
-            separator = "\t" if "\t" in header else ","
-        rows = list(csv.DictReader(io.StringIO(text), delimiter=separator))
-        if rows and (img_key not in rows[0] or caption_key not in rows[0]):
-            raise ValueError(f"{path}: columns {list(rows[0])} lack {img_key!r} / {caption_key!r} "
-                             f"(set --csv-img-key / --csv-caption-key)")
-        self.paths = [r[img_key] or "" for r in rows]
-        self.captions = [r[caption_key] or "" for r in rows]
+            separator = "\t" if "\t" in text.split("\n", 1)[0] else ","
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=separator)
+        header = next(reader, None)
+        if header is None:
+            raise DataError(f"{path} is empty")
+        if img_key not in header or caption_key not in header:
+            raise DataError(f"{path}: columns {header} lack {img_key!r} / {caption_key!r} "
+                            f"(set --csv-img-key / --csv-caption-key)")
+        img_col, caption_col = header.index(img_key), header.index(caption_key)
+        self.paths, self.captions, self.errors = [], [], {}
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:                        # this row only: the reader goes on
+                self.errors[len(self.paths)] = f"line {reader.line_num}: {e}"
+                row = [""] * len(header)
+            if not row:
+                continue                                  # a blank line
+            self.paths.append(row[img_col] if img_col < len(row) else "")
+            self.captions.append(row[caption_col] if caption_col < len(row) else "")
+        if not self.paths:
+            raise DataError(f"{path} has no rows")
         self.root = os.path.dirname(os.path.abspath(path))
 
     def __len__(self):
         return len(self.paths)
 
     def load(self, i: int):
+        if i in self.errors:
+            raise ValueError(self.errors[i])
+        self.captions[i].encode("utf-8")                  # undecodable bytes are surrogates here
         path = self.paths[i]
         if not os.path.isabs(path) and not os.path.exists(path):
             path = os.path.join(self.root, path)
@@ -115,15 +146,23 @@ class CSVSource:
 def _check_caption(caption) -> str:
     if not isinstance(caption, str) or not caption.strip():
         raise ValueError("empty caption")
+    if len(caption) > MAX_CAPTION_CHARS:
+        raise ValueError(f"caption of {len(caption)} characters (at most {MAX_CAPTION_CHARS})")
     return caption.strip()
+
+
+def _describe(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
 
 
 class TrainSet(Dataset):
     """Map-style training set over a source. Item key: (epoch, index). A bad sample falls through
-    to index+1, +2, ... (at most ``max_skip``), and the number skipped is returned with the item."""
+    to index+1, +2, ... (at most ``max_skip``, then ``DataError``), and the number skipped is
+    returned with the item."""
 
     def __init__(self, source, transform: Callable, tokenizer: Callable, seed: int = 0,
-                 max_skip: int = 64):
+                 max_skip: int = MAX_BAD_IN_A_ROW):
         self.source, self.transform, self.tokenizer = source, transform, tokenizer
         self.seed, self.max_skip = seed, max_skip
 
@@ -136,20 +175,22 @@ class TrainSet(Dataset):
 
     def _item(self, epoch: int, index: int):
         n = len(self.source)
-        for skipped in range(self.max_skip + 1):
+        tries = min(self.max_skip + 1, n)
+        for skipped in range(tries):
             i = (index + skipped) % n
             try:
                 image, caption = self.source.load(i)
                 caption = _check_caption(caption)
                 image = to_tensor(image)
-            except Exception:
+            except Exception as e:
+                error = e
                 continue
             g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, i))
             item = dict(self.transform(image, g))
             item.update(text=self.tokenizer([caption])[0], index=i, skipped=skipped)
             return item
-        raise RuntimeError(f"{self.max_skip + 1} bad samples in a row from index {index}: "
-                           f"is the data readable?")
+        raise DataError(f"{tries} bad samples in a row from index {index} of {n} (the last: "
+                        f"{_describe(error)}): is the data readable?")
 
 
 class MicroBatchSampler:
@@ -162,7 +203,7 @@ class MicroBatchSampler:
         if global_batch % world:
             raise ValueError(f"micro-batch {global_batch} is not divisible by world size {world}")
         if num_samples < global_batch:
-            raise ValueError(f"{num_samples} samples are fewer than one micro-batch ({global_batch})")
+            raise DataError(f"{num_samples} samples are fewer than one micro-batch ({global_batch})")
         self.n, self.B, self.rank, self.world = num_samples, global_batch, rank, world
         self.seed, self.start = seed, start
         self.per_epoch = num_samples // global_batch
@@ -191,7 +232,9 @@ def is_webdataset(spec) -> bool:
 
 
 def expand_shards(spec) -> List[str]:
-    """A list, comma-separated string, brace pattern or directory of .tar shards -> sorted paths."""
+    """A list, comma-separated string, brace pattern or directory of .tar shards -> sorted paths.
+    Raises ``DataError`` when there are none or a local one does not exist (URLs and ``pipe:``
+    specs are not checked)."""
     import braceexpand
     specs = spec if isinstance(spec, (list, tuple)) else str(spec).split(",")
     out = []
@@ -201,8 +244,27 @@ def expand_shards(spec) -> List[str]:
         else:
             out += list(braceexpand.braceexpand(s))
     if not out:
-        raise ValueError(f"no shards in {spec!r}")
+        raise DataError(f"no shards in {spec!r}")
+    missing = [s for s in out if "://" not in s and not s.startswith("pipe:") and not os.path.isfile(s)]
+    if missing:
+        raise DataError(f"{len(missing)} of {len(out)} shards do not exist, e.g. {missing[0]}")
     return out
+
+
+def check_data(spec) -> None:
+    """Raise ``DataError`` unless ``spec`` names a data source that exists: "embedded", a CSV / TSV
+    file, or WebDataset shards."""
+    if spec == "embedded":
+        return
+    if is_webdataset(spec):
+        expand_shards(spec)
+    elif str(spec).endswith((".csv", ".tsv")):
+        if not os.path.exists(spec):
+            raise DataError(f"{spec} does not exist")
+        if os.path.isdir(spec):
+            raise DataError(f"{spec} is a directory, not a CSV file")
+    else:
+        raise DataError(f"{spec!r}: expected 'embedded', a .csv/.tsv file or .tar shards")
 
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -231,21 +293,30 @@ class WebDatasetStream(IterableDataset):
         self.rank, self.world, self.skip, self.repeat = rank, world, skip, repeat
 
     def raw(self) -> Iterator[tuple]:
-        """(epoch, sample key, image, caption, skipped) of this rank, bad samples counted."""
+        """(epoch, sample key, image, caption, skipped) of this rank, bad samples counted. Raises
+        ``DataError`` after more than ``MAX_BAD_IN_A_ROW`` bad samples in a row, or a pass over the
+        shards without a good one."""
         import webdataset as wds
         split_shards = len(self.shards) >= self.world
         mine = self.shards[self.rank::self.world] if split_shards else self.shards
-        errors = [0]
+        bad, last = 0, None
 
-        def handler(exn):
-            errors[0] += 1
+        def count_bad(exn):
+            nonlocal bad, last
+            if isinstance(exn, DataError):                # raised below, seen by an outer stage
+                raise exn
+            bad, last = bad + 1, exn
+            if bad > MAX_BAD_IN_A_ROW:
+                raise DataError(f"{bad} bad samples in a row in {len(mine)} shard(s) such as {mine[0]} "
+                                f"(the last: {_describe(last)}): is the data readable?")
             return True
 
         epoch, seen = 0, 0
         while True:
             order = [mine[i] for i in np.random.default_rng([self.seed, 13, epoch]).permutation(len(mine))]
-            ds = wds.WebDataset(order, shardshuffle=False, handler=handler, empty_check=False,
+            ds = wds.WebDataset(order, shardshuffle=False, handler=count_bad, empty_check=False,
                                 nodesplitter=lambda x: x, workersplitter=lambda x: x)
+            good = 0
             for sample in ds:
                 if not split_shards:
                     seen += 1
@@ -253,11 +324,15 @@ class WebDatasetStream(IterableDataset):
                         continue
                 try:
                     image, caption = decode_wds_sample(sample)
-                except Exception:
-                    errors[0] += 1
+                except Exception as e:
+                    count_bad(e)
                     continue
-                skipped, errors[0] = errors[0], 0
+                good += 1
+                skipped, bad = bad, 0
                 yield epoch, sample.get("__key__", ""), image, caption, skipped
+            if not good:
+                raise DataError(f"no readable sample in {len(mine)} shard(s) such as {mine[0]}"
+                                + (f" (the last error: {_describe(last)})" if last is not None else ""))
             if not self.repeat:
                 return
             epoch += 1
@@ -301,10 +376,13 @@ def make_source(data: str, split: str = "train", image_size: int = 32, num_class
                 samples_per_class: Optional[int] = None, seed: int = 0, csv_img_key="filepath",
                 csv_caption_key="title", csv_separator=None):
     if data == "embedded":
-        return EmbeddedSource(EmbeddedDataset(split, image_size, num_classes, samples_per_class, seed=seed))
+        try:
+            return EmbeddedSource(EmbeddedDataset(split, image_size, num_classes, samples_per_class, seed=seed))
+        except ValueError as e:                           # e.g. more classes than there are emoji
+            raise DataError(f"the embedded data set: {e}") from None
     if str(data).endswith((".csv", ".tsv")):
         return CSVSource(data, csv_img_key, csv_caption_key, csv_separator)
-    raise ValueError(f"--data {data!r}: expected 'embedded', a .csv/.tsv file or .tar shards")
+    raise DataError(f"{data!r}: expected 'embedded', a .csv/.tsv file or .tar shards")
 
 
 def make_train_loader(data, transform, tokenizer, *, micro_batch: int, rank: int, world: int,
@@ -341,6 +419,8 @@ class EvalSet(Dataset):
                 continue
             label = source.label(i) if hasattr(source, "label") else -1
             self.items.append((image, caption, label))
+        if not self.items:
+            raise DataError(f"no readable evaluation sample among {n}")
         self.classnames = getattr(source, "classnames", None)
 
     def __len__(self):

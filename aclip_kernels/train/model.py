@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from . import losses
 
-__all__ = ["METHODS", "VIEWS", "MASKS", "LOSSES", "register_model_configs", "build_clip", "MLPHead", "TrainModel"]
+__all__ = ["METHODS", "VIEWS", "MASKS", "LOSSES", "register_model_configs", "known_model", "build_clip", "MLPHead",
+           "TrainModel"]
 
 METHODS = ("clip", "flip", "aclip", "aclip-eff", "slip")
 VIEWS, MASKS, LOSSES = (1, 2), ("attentive", "random", "none"), ("full", "clip")
@@ -36,6 +37,13 @@ def register_model_configs() -> None:
         import open_clip
         open_clip.add_model_config(CONFIG_DIR)
         _registered = True
+
+
+def known_model(name: str) -> bool:
+    """Whether ``build_clip`` has a config for ``name`` (hub and local-dir references are trusted)."""
+    import open_clip
+    register_model_configs()
+    return name.startswith(("hf-hub:", "local-dir:")) or name in open_clip.list_models()
 
 
 def build_clip(name: str, image_size: Optional[int] = None):

@@ -42,7 +42,6 @@ class StepState:
     scorer: Any
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    scaler: Any
     bf16: bool
     aclip: bool
 
@@ -55,7 +54,7 @@ def build_step(cfg, device) -> StepState:
     identical initial weights on every rank)."""
     from aclip_kernels import integrations as ak
     device = torch.device(device)
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")  # bf16: no loss scaling
     aclip = cfg.method in ("aclip", "aclip-eff")
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -75,9 +74,7 @@ def build_step(cfg, device) -> StepState:
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, tuple(cfg.betas))
     warmup = cfg.warmup if cfg.warmup is not None else max(1, cfg.steps // 20)
     scheduler = make_scheduler(optimizer, warmup, cfg.steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=False)   # bf16 needs no loss scaling
-    return StepState(cfg, device, clip, tokenizer, size, model, ema, scorer, optimizer, scheduler, scaler,
-                     bf16, aclip)
+    return StepState(cfg, device, clip, tokenizer, size, model, ema, scorer, optimizer, scheduler, bf16, aclip)
 
 
 def micro_step(state: StepState, net, batch: Dict[str, Any], accum: int = 1,
