@@ -29,6 +29,8 @@ def report() -> str:
         lines.append(f"compiled library: built for torch {BUILD_INFO.TORCH_VERSION}, backends "
                      f"{', '.join(compiled_backends())}"
                      + (f", CUDA archs {BUILD_INFO.CUDA_ARCHS}" if BUILD_INFO.WITH_CUDA else ""))
+        if not BUILD_INFO.WITH_CUDA and getattr(BUILD_INFO, "CUDA_STATUS", ""):
+            lines.append(f"CUDA kernels: not built ({BUILD_INFO.CUDA_STATUS})")
     else:
         lines.append(f"compiled library: not loaded ({LOAD_ERROR})")
     devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
