@@ -21,7 +21,8 @@ $(VENV)/.deps: $(REQUIREMENTS) requirements/base.txt
 	touch $@
 
 # BUILD_DIR: a CMake build folder of its own for a second venv (another torch) in the same tree
-$(VENV)/.built: $(VENV)/.deps pyproject.toml CMakeLists.txt $(shell find csrc -type f) aclip_kernels/_build_info.py.in
+$(VENV)/.built: $(VENV)/.deps pyproject.toml CMakeLists.txt $(shell find csrc cmake tools -type f) \
+		aclip_kernels/_build_info.py.in
 	$(if $(BUILD_DIR),SKBUILD_BUILD_DIR=$(BUILD_DIR) )$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
