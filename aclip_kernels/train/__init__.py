@@ -8,6 +8,10 @@ WebDataset, batching, data position), ``augment`` (three-crop), ``losses``, ``mo
 Two defects of the published A-CLIP code are fixed here: the SimCLR term compared view 1 with
 itself (``losses``), and the union box's left edge was ``min(left1, height2)`` (``augment``).
 """
-from .loop import CHECKPOINT, NonFiniteLoss, TrainConfig, train
+from ._requirements import check_requirements
+
+check_requirements()
+
+from .loop import CHECKPOINT, NonFiniteLoss, TrainConfig, train  # noqa: E402
 
 __all__ = ["TrainConfig", "train", "NonFiniteLoss", "CHECKPOINT"]
