@@ -36,7 +36,7 @@ test: install
 
 # pyflakes-level errors (unused or undefined names, syntax) in everything that is Python
 lint: $(VENV)/.deps
-	$(PY) -m ruff check --select F,E9 aclip_kernels benchmarks tests examples
+	$(PY) -m ruff check --select F,E9 aclip_kernels benchmarks tests examples tools
 
 # The whole suite again on the oldest supported versions (torch 2.11 / triton 3.6, what the GPU
 # machine has), in .venv-torch211 with its own build folder; the CUDA kernels for sm_90 only.
@@ -70,5 +70,13 @@ bench: install
 		--batch $(BENCH_VIT_BATCH) --image-size $(BENCH_VIT_SIZE) --rounds $(BENCH_STEP_ROUNDS) --warmup 1 \
 		--threads $(BENCH_THREADS) --out $(BENCH_OUT); fi
 
+# `make wheel`: an sdist and a wheel in $(DIST). The wheel is built from the unpacked sdist in a
+# fresh folder (which proves the sdist complete) against this venv's torch, and requires its
+# major.minor (pyproject.toml's dynamic dependencies).
+DIST ?= dist
+.PHONY: wheel
+wheel: $(VENV)/.deps
+	$(PY) -m build --no-isolation --outdir $(DIST) .
+
 clean:
-	rm -rf build $(VENV)/.built
+	rm -rf build dist $(VENV)/.built
