@@ -21,7 +21,8 @@ $(VENV)/.deps: $(REQUIREMENTS) requirements/base.txt
 	touch $@
 
 # BUILD_DIR: a CMake build folder of its own for a second venv (another torch) in the same tree
-$(VENV)/.built: $(VENV)/.deps pyproject.toml CMakeLists.txt $(shell find csrc -type f) aclip_kernels/_build_info.py.in
+$(VENV)/.built: $(VENV)/.deps pyproject.toml CMakeLists.txt $(shell find csrc cmake tools -type f) \
+		aclip_kernels/_build_info.py.in
 	$(if $(BUILD_DIR),SKBUILD_BUILD_DIR=$(BUILD_DIR) )$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
@@ -36,7 +37,7 @@ test: install
 
 # pyflakes-level errors (unused or undefined names, syntax) in everything that is Python
 lint: $(VENV)/.deps
-	$(PY) -m ruff check --select F,E9 aclip_kernels benchmarks tests examples
+	$(PY) -m ruff check --select F,E9 aclip_kernels benchmarks tests examples tools
 
 # The whole suite again on the oldest supported versions (torch 2.11 / triton 3.6, what the GPU
 # machine has), in .venv-torch211 with its own build folder; the CUDA kernels for sm_90 only. The
@@ -72,5 +73,48 @@ bench: install
 		--batch $(BENCH_VIT_BATCH) --image-size $(BENCH_VIT_SIZE) --rounds $(BENCH_STEP_ROUNDS) --warmup 1 \
 		--threads $(BENCH_THREADS) --out $(BENCH_OUT); fi
 
+# `make wheel`: an sdist and a wheel in $(DIST). The wheel is built from the unpacked sdist in a
+# fresh folder (which proves the sdist complete) against this venv's torch, and requires its
+# major.minor (pyproject.toml's dynamic dependencies).
+DIST ?= dist
+.PHONY: wheel
+wheel: $(VENV)/.deps
+	$(PY) -m build --no-isolation --outdir $(DIST) .
+
+# ---- installs as a user makes them, outside the pinned .venv (CI) -------------------------------
+# The system CMake (Debian 12's 3.25) and each job's own venv and build folder; the op tests (none
+# needs timm, open_clip, torchvision or triton) run from build/, on the installed package.
+SYSTEM_CMAKE ?= /usr/bin/cmake
+.PHONY: test-install-cpu test-install-cuda-cmake
+OP_TESTS := $(addprefix ../tests/,test_ops.py test_parity_cpu.py test_errors.py test_reference.py \
+	test_integrations_ema.py test_cuda.py)
+
+# CPU-only torch 2.13 in a fresh .venv-cpu213: pip install --no-build-isolation . with the system
+# CMake and Ninja; `info` must show the compiled CPU kernels as the default.
+test-install-cpu:
+	test -x .venv-cpu213/bin/python || $(PYTHON) -m venv .venv-cpu213
+	.venv-cpu213/bin/pip install -q -r requirements/install-cpu213.txt
+	CMAKE_EXECUTABLE=$(SYSTEM_CMAKE) SKBUILD_BUILD_DIR=build/cpu213 .venv-cpu213/bin/pip install -q --no-build-isolation .
+	cd build && ../.venv-cpu213/bin/python -m aclip_kernels.info | tee cpu213-info.txt
+	grep -q "^device cpu .*default cpu$$" build/cpu213-info.txt
+	cd build && ../.venv-cpu213/bin/python -m pytest -q -p no:cacheprovider $(OP_TESTS)
+
+# The CUDA torch of $(VENV) with nvcc and the system CMake, without the Makefile's CPATH: the sdist
+# and the wheel of `make wheel`, the CUDA kernels required (sm_90 only), checked by tools/check_dist.py.
+# The wheel goes into .venv-cuda-cmake, which sees $(VENV)'s packages through a .pth file (not a
+# second 5 GB torch); `info` must show both compiled backends.
+test-install-cuda-cmake: export TORCH_CUDA_ARCH_LIST = 9.0
+test-install-cuda-cmake: $(VENV)/.deps
+	rm -rf dist/cuda-cmake
+	env -u CPATH CMAKE_EXECUTABLE=$(SYSTEM_CMAKE) ACLIP_KERNELS_CUDA=ON \
+		$(PY) -m build --no-isolation --outdir dist/cuda-cmake .
+	$(PY) tools/check_dist.py dist/cuda-cmake --cuda-archs 90
+	test -x .venv-cuda-cmake/bin/python || $(PYTHON) -m venv --without-pip .venv-cuda-cmake
+	echo "$(CURDIR)/$(VENV)/lib/$(SITE)/site-packages" > .venv-cuda-cmake/lib/$(SITE)/site-packages/main-venv.pth
+	$(PY) -m pip --python .venv-cuda-cmake/bin/python install -q --no-deps --force-reinstall dist/cuda-cmake/*.whl
+	mkdir -p build && cd build && ../.venv-cuda-cmake/bin/python -m aclip_kernels.info | tee cuda-cmake-info.txt
+	grep -q "^compiled library: built for torch .*, backends cpu, cuda, CUDA archs 90$$" build/cuda-cmake-info.txt
+	cd build && ../.venv-cuda-cmake/bin/python -m pytest -q -p no:cacheprovider $(OP_TESTS)
+
 clean:
-	rm -rf build $(VENV)/.built
+	rm -rf build dist $(VENV)/.built

@@ -3,7 +3,8 @@
 The library registers the ``aclip_kernels::*`` ops with ``TORCH_LIBRARY`` when it is imported, which
 happens once, when this module is imported. If it is missing, or was built against another torch,
 the package warns once and the ops run on the pure-PyTorch reference: never a crash, never a
-silently wrong result.
+silently wrong result. An install built without it on purpose (``ACLIP_KERNELS_BUILD_EXT=OFF``)
+does not warn.
 """
 from __future__ import annotations
 
@@ -14,27 +15,37 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["BUILD_INFO", "LOAD_ERROR", "compiled_backends"]
+__all__ = ["BUILD_INFO", "LOAD_ERROR", "PURE_PYTHON", "compiled_backends"]
+
+_REBUILD = "pip install --no-build-isolation --force-reinstall ."
 
 
-def _load() -> Tuple[Optional[ModuleType], Optional[str]]:
+def _major_minor(version: str) -> str:
+    return ".".join(version.split("+")[0].split(".")[:2])
+
+
+def _load() -> Tuple[Optional[ModuleType], Optional[str], bool]:
+    """(build info, why the library is not loaded, whether it was left out on purpose)."""
     try:
         info = importlib.import_module("aclip_kernels._build_info")
     except ImportError:
-        return None, "the compiled library aclip_kernels._C is not built (pip install --no-build-isolation .)"
+        return None, f"the compiled library aclip_kernels._C is not built ({_REBUILD})", False
+    if not getattr(info, "BUILD_EXT", True):
+        return None, "this install has no compiled library (built with ACLIP_KERNELS_BUILD_EXT=OFF)", True
     built, running = info.TORCH_VERSION, torch.__version__
-    if built.split("+")[0] != running.split("+")[0]:
+    # torch keeps its C++ ABI within a minor release; the wheel's metadata requires the same pair.
+    if _major_minor(built) != _major_minor(running):
         return None, (f"aclip_kernels._C was built for torch {built} but torch {running} is running; "
-                      "rebuild it (pip install --no-build-isolation --force-reinstall .)")
+                      f"rebuild it against this torch ({_REBUILD})"), False
     try:
         importlib.import_module("aclip_kernels._C")
     except (ImportError, OSError) as exc:
-        return None, f"aclip_kernels._C failed to load: {exc}"
-    return info, None
+        return None, f"aclip_kernels._C failed to load: {exc}", False
+    return info, None, False
 
 
-BUILD_INFO, LOAD_ERROR = _load()
-if LOAD_ERROR is not None:
+BUILD_INFO, LOAD_ERROR, PURE_PYTHON = _load()
+if LOAD_ERROR is not None and not PURE_PYTHON:
     warnings.warn(f"{LOAD_ERROR}; falling back to the pure-PyTorch reference (slow).",
                   RuntimeWarning, stacklevel=2)
 _COMPILED = () if BUILD_INFO is None else (("cpu", "cuda") if BUILD_INFO.WITH_CUDA else ("cpu",))

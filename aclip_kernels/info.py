@@ -8,7 +8,7 @@ import platform
 import torch
 
 from . import __version__
-from ._library import BUILD_INFO, LOAD_ERROR, compiled_backends
+from ._library import BUILD_INFO, LOAD_ERROR, PURE_PYTHON, compiled_backends
 from .backends import ENV_VAR, available_backends, resolve_backend
 
 
@@ -29,6 +29,11 @@ def report() -> str:
         lines.append(f"compiled library: built for torch {BUILD_INFO.TORCH_VERSION}, backends "
                      f"{', '.join(compiled_backends())}"
                      + (f", CUDA archs {BUILD_INFO.CUDA_ARCHS}" if BUILD_INFO.WITH_CUDA else ""))
+        if not BUILD_INFO.WITH_CUDA and getattr(BUILD_INFO, "CUDA_STATUS", ""):
+            lines.append(f"CUDA kernels: not built ({BUILD_INFO.CUDA_STATUS})")
+    elif PURE_PYTHON:
+        lines.append("compiled library: none, a pure-Python install (ACLIP_KERNELS_BUILD_EXT=OFF): the ops run "
+                     "on the torch reference, and on the Triton kernels for CUDA tensors when triton is installed")
     else:
         lines.append(f"compiled library: not loaded ({LOAD_ERROR})")
     devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]

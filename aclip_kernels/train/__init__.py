@@ -9,7 +9,11 @@ WebDataset, batching, data position), ``augment`` (three-crop), ``losses``, ``mo
 Two defects of the published A-CLIP code are fixed here: the SimCLR term compared view 1 with
 itself (``losses``), and the union box's left edge was ``min(left1, height2)`` (``augment``).
 """
-from .errors import NonFiniteLoss, Stopped, UserError
-from .loop import CHECKPOINT, TrainConfig, train
+from ._requirements import check_requirements
+
+check_requirements()
+
+from .errors import NonFiniteLoss, Stopped, UserError  # noqa: E402
+from .loop import CHECKPOINT, TrainConfig, train  # noqa: E402
 
 __all__ = ["TrainConfig", "train", "NonFiniteLoss", "UserError", "Stopped", "CHECKPOINT"]
