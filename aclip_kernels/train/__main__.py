@@ -37,6 +37,7 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--image-size", type=int, default=d.image_size, help="override the model config's image size")
     p.add_argument("--keep", type=float, default=d.keep, help="fraction of patches the online views keep")
     p.add_argument("--block", type=int, default=d.block, help="attentive selection unit: block x block patches")
+    p.add_argument("--ema-crop", choices=("zoom", "union"), default=d.ema_crop, help="A-CLIP EMA crop: published zoom-out (fixed) | union")
     p.add_argument("--ema-momentum", type=float, default=d.ema_momentum, help="base EMA momentum (cosine to 1)")
     p.add_argument("--ema-layers", choices=("all", "last"), default=d.ema_layers)
     p.add_argument("--ssl-dim", type=int, default=d.ssl_dim, help="SimCLR / BYOL head output size")
