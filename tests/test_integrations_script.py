@@ -94,12 +94,12 @@ def test_scripted_patch_dropout_with_indices_equals_timms():
 
 def test_open_clip_create_model_jit_scripts_the_patched_model(monkeypatch):
     """open_clip falls back to eager when scripting fails: the patched model must come back scripted."""
-    def create(patch):
+    def create():
         torch.manual_seed(0)
         return open_clip.create_model("ViT-B-32", pretrained=None, jit=True, force_patch_dropout=0.5,
                                       force_image_size=SIZE)
 
-    reference = create(False)
+    reference = create()
     init = open_clip.transformer.VisionTransformer.__init__
 
     def patched_init(self, *args, **kwargs):            # every tower create_model builds is patched
@@ -107,7 +107,7 @@ def test_open_clip_create_model_jit_scripts_the_patched_model(monkeypatch):
         ak.patch_open_clip(self)
 
     monkeypatch.setattr(open_clip.transformer.VisionTransformer, "__init__", patched_init)
-    patched = create(True)
+    patched = create()
     assert isinstance(reference, torch.jit.ScriptModule) and isinstance(patched, torch.jit.ScriptModule)
     assert patched.visual.patch_dropout.original_name == "AttentivePatchDropout"
     assert reference.visual.patch_dropout.original_name == "PatchDropout"
