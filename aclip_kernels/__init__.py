@@ -7,12 +7,12 @@ from . import reference
 from ._library import compiled_backends
 from .backends import available_backends, resolve_backend
 from .ops import attentive_mask, cls_attention, random_mask
-from .integrations import (AttentivePatchDropout, EMAScorer, cosine_momentum, ema_update_, make_ema,
-                           masking, patch_open_clip, patch_timm_vit)
+from .integrations import (AttentivePatchDropout, AttentivePatchDropoutWithIndices, EMAScorer, cosine_momentum,
+                           ema_update_, make_ema, masking, patch_open_clip, patch_timm_vit)
 
 __version__ = "0.1.0"
 
 __all__ = ["cls_attention", "attentive_mask", "random_mask", "reference", "compiled_backends",
            "available_backends", "resolve_backend"]
-__all__ += ["EMAScorer", "AttentivePatchDropout", "patch_timm_vit", "patch_open_clip", "masking",
-            "ema_update_", "cosine_momentum", "make_ema"]
+__all__ += ["EMAScorer", "AttentivePatchDropout", "AttentivePatchDropoutWithIndices", "patch_timm_vit",
+            "patch_open_clip", "masking", "ema_update_", "cosine_momentum", "make_ema"]

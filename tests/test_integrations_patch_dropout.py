@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import aclip_kernels
-from aclip_kernels import (AttentivePatchDropout, EMAScorer, make_ema, masking, patch_open_clip,
-                           patch_timm_vit)
+from aclip_kernels import (AttentivePatchDropout, AttentivePatchDropoutWithIndices, EMAScorer, make_ema, masking,
+                           patch_open_clip, patch_timm_vit)
 from aclip_kernels.testing import random_boxes
 
 timm = pytest.importorskip("timm")
@@ -140,7 +140,7 @@ def test_timm_eval_and_fallback_equal_the_unpatched_model():
 
 def test_module_signatures_and_context_errors():
     x = torch.randn(2, 1 + 16, 8)
-    timm_like = AttentivePatchDropout(0.5, num_prefix_tokens=1, return_indices=True).train()
+    timm_like = AttentivePatchDropoutWithIndices(0.5, num_prefix_tokens=1).train()
     out, idx = timm_like(x)
     assert out.shape == (2, 1 + 8, 8) and idx.shape == (2, 8)
     assert timm_like.eval()(x)[1] is None and torch.equal(timm_like(x)[0], x)

@@ -11,7 +11,9 @@ modules and detaches them on exit:
         out = model(images)
 
 Outside a ``masking`` block the module is the PatchDropout it replaced (same prob; prob 0 is the
-identity), and in eval mode it always keeps every token.
+identity), and in eval mode it always keeps every token. Patched models script with torch.jit.script
+(``masking`` is eager-only), compile with torch.compile (also masked) and trace with torch.fx (masked
+only with AttentivePatchDropout as a leaf module).
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ from torch import Tensor, nn
 from ..ops import attentive_mask, random_mask
 from . import _models
 
-__all__ = ["AttentivePatchDropout", "MaskingState", "masking", "patch_timm_vit", "patch_open_clip"]
+__all__ = ["AttentivePatchDropout", "AttentivePatchDropoutWithIndices", "MaskingState", "masking", "patch_timm_vit",
+           "patch_open_clip"]
 
 MODES = ("attentive", "random")
 
@@ -53,18 +56,20 @@ class AttentivePatchDropout(nn.Module):
     """PatchDropout with A-CLIP's attentive selection.
 
     Call signature and prefix handling of timm's ``PatchDropout`` (``prob``, ``num_prefix_tokens``,
-    ``ordered``; ``return_indices=True`` is ``PatchDropoutWithIndices``: returns (x, idx | None))
-    and of open_clip's (``exclude_first_token``: True means one prefix token, False none).
-    ``grid`` is the online patch grid (Hg, Wg) (default square).
+    ``ordered``) and of open_clip's (``exclude_first_token``: True means one prefix token, False
+    none). ``grid`` is the online patch grid (Hg, Wg) (default square).
 
     x [B, P+N, D] -> [B, P+n, D]. Training mode inside ``masking``: attentive or random selection
     (prefix first, kept patches ascending). Training mode outside: random patch dropout with
     ``prob``, as the replaced module (timm or open_clip flavour). Eval mode: x unchanged.
-    """
 
-    def __init__(self, prob: float = 0.0, num_prefix_tokens: int = 1, ordered: bool = False,
-                 return_indices: bool = False, *, exclude_first_token: Optional[bool] = None,
-                 grid: Optional[Sequence[int]] = None):
+    TorchScript: the scripted module is the replaced PatchDropout (eval and patch dropout as
+    above); ``masking`` is eager-only and refuses a scripted model.
+    """
+    __jit_ignored_attributes__ = ["_masking"]
+
+    def __init__(self, prob: float = 0.0, num_prefix_tokens: int = 1, ordered: bool = False, *,
+                 exclude_first_token: Optional[bool] = None, grid: Optional[Sequence[int]] = None):
         super().__init__()
         if not 0.0 <= prob < 1.0:
             raise ValueError(f"prob={prob} must be in [0, 1)")
@@ -73,16 +78,16 @@ class AttentivePatchDropout(nn.Module):
         self.exclude_first_token = exclude_first_token
         self.num_prefix_tokens = int(num_prefix_tokens if exclude_first_token is None else bool(exclude_first_token))
         self.ordered = ordered
-        self.return_indices = return_indices
         self.grid = None if grid is None else (int(grid[0]), int(grid[1]))
-        self._masking: Optional[MaskingState] = None
+        self._masking = None                             # the MaskingState of a masking block
 
     @classmethod
     def from_timm(cls, module: nn.Module, num_prefix_tokens: int, grid=None) -> "AttentivePatchDropout":
-        """From timm's PatchDropout / PatchDropoutWithIndices / Identity (prob 0)."""
-        return cls(getattr(module, "prob", 0.0), getattr(module, "num_prefix_tokens", num_prefix_tokens),
-                   getattr(module, "ordered", False),
-                   return_indices=type(module).__name__ == "PatchDropoutWithIndices", grid=grid)
+        """From timm's PatchDropout / PatchDropoutWithIndices (as AttentivePatchDropoutWithIndices) /
+        Identity (prob 0)."""
+        kind = AttentivePatchDropoutWithIndices if type(module).__name__ == "PatchDropoutWithIndices" else cls
+        return kind(getattr(module, "prob", 0.0), getattr(module, "num_prefix_tokens", num_prefix_tokens),
+                    getattr(module, "ordered", False), grid=grid)
 
     @classmethod
     def from_open_clip(cls, module: nn.Module, grid=None) -> "AttentivePatchDropout":
@@ -92,16 +97,19 @@ class AttentivePatchDropout(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"prob={self.prob}, num_prefix_tokens={self.num_prefix_tokens}, flavour={self.flavour}, "
-                f"grid={self.grid}, return_indices={self.return_indices}")
+                f"grid={self.grid}")
 
-    def _out(self, x: Tensor, idx: Optional[Tensor]):
-        return (x, idx) if self.return_indices else x
+    def __prepare_scriptable__(self):
+        if self._masking is not None:
+            raise RuntimeError("torch.jit.script inside a masking block: masking is eager-only, "
+                               "script the model outside it")
+        return self
 
-    def _patch_dropout(self, x: Tensor):
+    def _patch_dropout(self, x: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
         """The replaced module's random patch dropout (timm / open_clip flavour)."""
         p = self.num_prefix_tokens
         prefix, patches = x[:, :p], x[:, p:]
-        b, n = patches.shape[:2]
+        b, n = patches.shape[0], patches.shape[1]
         num_keep = max(1, int(n * (1.0 - self.prob)))
         if self.flavour == "timm":
             idx = torch.argsort(torch.randn(b, n, device=x.device), dim=-1)[:, :num_keep]
@@ -119,15 +127,11 @@ class AttentivePatchDropout(nn.Module):
             return self.grid
         return None                                      # square, checked by the op
 
-    def forward(self, x: Tensor):
-        """x [B, P+N, D] -> kept [B, P+n, D] (and idx [B, n] or None with ``return_indices``)."""
-        if not self.training:
-            return self._out(x, None)
-        state = self._masking
-        if state is None:
-            if self.prob == 0.0:
-                return self._out(x, None)
-            return self._out(*self._patch_dropout(x))
+    def _masked(self, x: Tensor, state: MaskingState) -> Tuple[Tensor, Tensor]:
+        """The ``masking`` block's attentive or random selection (eager only)."""
+        if isinstance(x, torch.fx.Proxy):
+            raise RuntimeError("torch.fx cannot trace a masked forward (the graph would keep one step's "
+                               "scores); trace outside masking, with AttentivePatchDropout as a leaf module")
         p = self.num_prefix_tokens
         grid = self._grid(x.shape[1] - p, state)
         if state.mode == "attentive":
@@ -139,10 +143,41 @@ class AttentivePatchDropout(nn.Module):
             kept, idx = random_mask(x, state.keep, num_prefix_tokens=p, block=state.block, grid=grid,
                                     generator=state.generator)
         state.indices, state.tokens, state.calls = idx, kept.shape[1], state.calls + 1
-        return self._out(kept, idx)
+        return kept, idx
+
+    def forward_with_indices(self, x: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        """x [B, P+N, D] -> (kept [B, P+n, D], idx [B, n] int64, or None when every token is kept)."""
+        if not self.training:
+            return x, None
+        if not torch.jit.is_scripting():
+            state = self._masking
+            if state is not None:
+                return self._masked(x, state)
+        if self.prob == 0.0:
+            return x, None
+        return self._patch_dropout(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [B, P+N, D] -> kept [B, P+n, D]."""
+        return self.forward_with_indices(x)[0]
+
+
+class AttentivePatchDropoutWithIndices(AttentivePatchDropout):
+    """AttentivePatchDropout with the call signature of timm's ``PatchDropoutWithIndices``:
+    returns (kept [B, P+n, D], idx [B, n] or None)."""
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        return self.forward_with_indices(x)
 
 
 def _patched_modules(model: nn.Module):
+    scripted = [name for name, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)
+                and m.original_name in ("AttentivePatchDropout", "AttentivePatchDropoutWithIndices")]
+    if scripted:
+        name = getattr(model, "original_name", type(model).__name__)
+        raise RuntimeError(f"masking is eager-only: {name} holds a TorchScript AttentivePatchDropout "
+                           f"({scripted[0] or 'the model itself'}); mask the eager model, or compile it "
+                           "with torch.compile")
     return [m for m in model.modules() if isinstance(m, AttentivePatchDropout)]
 
 

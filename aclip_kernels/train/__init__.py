@@ -6,8 +6,9 @@ WebDataset, batching, data position), ``augment`` (three-crop), ``losses``, ``mo
 ``checkpoint``, ``metrics`` (the jsonl log), ``errors``, ``loop`` (``train(TrainConfig)``),
 ``evaluate``, ``visualize``.
 
-Two defects of the published A-CLIP code are fixed here: the SimCLR term compared view 1 with
-itself (``losses``), and the union box's left edge was ``min(left1, height2)`` (``augment``).
+Defects of the published A-CLIP code fixed here: the SimCLR term compared view 1 with itself
+(``losses``); the EMA crop's left edge was ``min(left1, height2)``, and its extent was drawn before
+its top and left moved, so it could miss the views (``augment``).
 """
 from ._requirements import check_requirements
 

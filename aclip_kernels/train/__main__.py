@@ -99,6 +99,8 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--image-size", type=POSITIVE, default=d.image_size, help="override the model config's image size")
     p.add_argument("--keep", type=FRACTION, default=d.keep, help="fraction of patches the online views keep")
     p.add_argument("--block", type=POSITIVE, default=d.block, help="attentive selection unit: block x block patches")
+    p.add_argument("--ema-crop", choices=("zoom", "union"), default=d.ema_crop,
+                   help="A-CLIP EMA crop: the published zoom-out (corrected) or the views' tight union")
     p.add_argument("--ema-momentum", type=MOMENTUM, default=d.ema_momentum, help="base EMA momentum (cosine to 1)")
     p.add_argument("--ema-layers", choices=("all", "last"), default=d.ema_layers)
     p.add_argument("--ssl-dim", type=POSITIVE, default=d.ssl_dim, help="SimCLR / BYOL head output size")

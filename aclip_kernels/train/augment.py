@@ -5,16 +5,21 @@ one generator per (seed, epoch, sample), so a sample's views do not depend on th
 or whether the run was resumed.
 
 The three-crop augmentation (``ThreeCrop``): two online crops, each RandomResizedCrop(scale 0.5-1,
-ratio 3/4-4/3) to ``size`` with colour jitter / grayscale / blur / solarize, and the EMA crop, the
-smallest box containing both online crops, resized to ``ema_size`` and only normalised. It returns
-each online crop's box inside the EMA crop in the ``attentive_mask`` convention: (y0, x0, h, w)
-normalised to the EMA crop (0..1).
+ratio 3/4-4/3) to ``size`` with colour jitter / grayscale / blur / solarize, and the EMA crop,
+resized to ``ema_size`` and only normalised. The EMA crop is by default the published A-CLIP one
+(``GetThreeRandomResizedCrop`` in microsoft/A-CLIP ``datasets.py``): a random zoom-out of the union
+of the two online crops (``zoom_out_box``); ``ema_crop="union"`` takes the tight union itself. It
+returns each online crop's box inside the EMA crop in the ``attentive_mask`` convention:
+(y0, x0, h, w) normalised to the EMA crop (0..1).
 
-Fixed defect of the published A-CLIP code: its union box takes the left edge as
-``min(left1, height2)`` (a left coordinate mixed with a height), so the EMA crop does not contain
-view 2 whenever ``height2 > left2``, and the box alignment samples scores from the wrong place.
-Here the union is ``top = min(t1, t2), left = min(l1, l2), bottom = max(t1+h1, t2+h2),
-right = max(l1+w1, l2+w2)``, and the returned boxes are checked to lie inside [0, 1].
+The published zoom-out has two defects, fixed here, so that the EMA crop always contains both views
+(tested over 10,000 draws):
+1. the union's left edge is ``min(left1, height2)`` (a left coordinate mixed with a height): the
+   crop misses view 2 whenever ``height2 > left2``. Here it is ``min(left1, left2)``.
+2. after the top and left are redrawn in [0, top] and [0, left], the height and width are drawn
+   from [h_union, H - top'] and [w_union, W - left'], with h_union and w_union measured from the
+   old top and left: the crop ends above the views' bottom or left of their right edge whenever
+   the edge moved. Here they are drawn from [bottom - top', H - top'] and [right - left', W - left'].
 """
 from __future__ import annotations
 
@@ -26,7 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
-__all__ = ["MEAN", "STD", "normalize", "random_resized_crop_box", "union_box", "box_in_frame",
+__all__ = ["MEAN", "STD", "EMA_CROPS", "normalize", "random_resized_crop_box", "union_box", "zoom_out_box",
+           "box_in_frame",
            "crop_resize", "color_augment", "to_tensor", "EvalTransform", "SingleView", "ThreeCrop", "SlipViews",
            "make_transform"]
 
@@ -35,6 +41,7 @@ MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 
 Box = Tuple[int, int, int, int]  # (top, left, height, width) in source pixels
+EMA_CROPS = ("zoom", "union")    # ThreeCrop's EMA crop: the published random zoom-out (fixed), the tight union
 
 
 def normalize(img: Tensor) -> Tensor:
@@ -74,6 +81,22 @@ def union_box(a: Box, b: Box) -> Box:
     top, left = min(a[0], b[0]), min(a[1], b[1])
     bottom, right = max(a[0] + a[2], b[0] + b[2]), max(a[1] + a[3], b[1] + b[3])
     return top, left, bottom - top, right - left
+
+
+def _randint(g: torch.Generator, lo: int, hi: int) -> int:
+    """Uniform integer in [lo, hi], bounds included."""
+    return int(torch.randint(lo, hi + 1, (), generator=g))
+
+
+def zoom_out_box(a: Box, b: Box, height: int, width: int, g: torch.Generator) -> Box:
+    """A-CLIP's EMA crop, the published zoom-out with both defects fixed: the union of boxes a and b
+    (top, left, bottom, right), then top' uniform in [0, top], left' in [0, left], h in
+    [bottom - top', height - top'], w in [right - left', width - left'] (integers). Contains a and b,
+    inside the height x width image. Returns (top', left', h, w)."""
+    top, left, h, w = union_box(a, b)
+    bottom, right = top + h, left + w
+    top, left = _randint(g, 0, top), _randint(g, 0, left)
+    return top, left, _randint(g, bottom - top, height - top), _randint(g, right - left, width - left)
 
 
 def box_in_frame(box: Box, frame: Box) -> Tuple[float, float, float, float]:
@@ -161,18 +184,21 @@ class SingleView:
 
 class ThreeCrop:
     """A-CLIP views. Returns {"view1", "view2"} [3, size, size] (augmented), {"ema"} [3, ema_size,
-    ema_size] (the union crop, normalised only), "boxes" [2, 4] float32 (y0, x0, h, w) of view 1 and
+    ema_size] (the EMA crop, normalised only), "boxes" [2, 4] float32 (y0, x0, h, w) of view 1 and
     view 2 inside the EMA crop, and "crops" [3, 4] int64 (top, left, h, w) of view1, view2, EMA in
-    source pixels (for visualisation and the object-coverage ablation)."""
+    source pixels (for visualisation and the object-coverage ablation). ``ema_crop``: "zoom" (the
+    published random zoom-out, fixed: ``zoom_out_box``) or "union" (the tight union: ``union_box``)."""
 
-    def __init__(self, size: int, ema_size: int = None, scale=(0.5, 1.0)):
-        self.size, self.ema_size, self.scale = size, ema_size or size, scale
+    def __init__(self, size: int, ema_size: int = None, scale=(0.5, 1.0), ema_crop: str = "zoom"):
+        if ema_crop not in EMA_CROPS:
+            raise ValueError(f"ema_crop={ema_crop!r}: expected one of {EMA_CROPS}")
+        self.size, self.ema_size, self.scale, self.ema_crop = size, ema_size or size, scale, ema_crop
 
     def __call__(self, img: Tensor, g: torch.Generator) -> Dict[str, Tensor]:
         H, W = img.shape[1:]
         b1 = random_resized_crop_box(H, W, g, self.scale)
         b2 = random_resized_crop_box(H, W, g, self.scale)
-        u = union_box(b1, b2)
+        u = zoom_out_box(b1, b2, H, W, g) if self.ema_crop == "zoom" else union_box(b1, b2)
         boxes = torch.tensor([box_in_frame(b1, u), box_in_frame(b2, u)], dtype=torch.float32)
         assert bool(((boxes[:, :2] >= 0) & (boxes[:, :2] + boxes[:, 2:] <= 1 + 1e-6)).all()), boxes
         v1 = normalize(color_augment(crop_resize(img, b1, self.size), g))
@@ -198,14 +224,15 @@ class SlipViews:
         return out
 
 
-def make_transform(method: str, size: int):
-    """The training transform of a method; aclip-eff's EMA view is made at half resolution."""
+def make_transform(method: str, size: int, ema_crop: str = "zoom"):
+    """The training transform of a method; aclip-eff's EMA view is made at half resolution.
+    ``ema_crop``: the A-CLIP EMA crop (see ThreeCrop)."""
     if method in ("clip", "flip"):
         return SingleView(size)
     if method == "aclip":
-        return ThreeCrop(size)
+        return ThreeCrop(size, ema_crop=ema_crop)
     if method == "aclip-eff":
-        return ThreeCrop(size, ema_size=size // 2)
+        return ThreeCrop(size, ema_size=size // 2, ema_crop=ema_crop)
     if method == "slip":
         return SlipViews(size)
     raise ValueError(f"unknown method {method!r}")

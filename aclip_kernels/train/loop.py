@@ -67,6 +67,7 @@ class TrainConfig:
     image_size: Optional[int] = None        # default: the model config's
     keep: float = 0.5
     block: int = 2
+    ema_crop: str = "zoom"                  # A-CLIP EMA crop: zoom (published zoom-out, fixed) | union
     ema_momentum: float = 0.996
     ema_layers: str = "all"
     ssl_dim: int = 256
@@ -240,7 +241,7 @@ def _train(cfg: TrainConfig, info, micro: int, stop: _Stop) -> Dict[str, Any]:
     source_kwargs = dict(image_size=cfg.embedded_size or 2 * size, num_classes=cfg.classes,
                          samples_per_class=cfg.samples_per_class, csv_img_key=cfg.csv_img_key,
                          csv_caption_key=cfg.csv_caption_key)
-    loader = make_train_loader(cfg.data, make_transform(cfg.method, size), tokenizer,
+    loader = make_train_loader(cfg.data, make_transform(cfg.method, size, cfg.ema_crop), tokenizer,
                                micro_batch=micro, rank=rank, world=world, seed=cfg.seed,
                                start=data_pos, workers=cfg.workers, source_kwargs=source_kwargs,
                                pin_memory=device.type == "cuda")

@@ -76,7 +76,7 @@ def save_mask_png(path: str, cfg, model, scorer, size: int, source_kwargs, devic
     patch = clip.visual.patch_size
     grid = (size // (patch[0] if isinstance(patch, tuple) else patch),) * 2
     aclip = cfg.method in ("aclip", "aclip-eff")
-    transform = make_transform(cfg.method, size) if aclip else SingleView(size)
+    transform = make_transform(cfg.method, size, cfg.ema_crop) if aclip else SingleView(size)
     n = min(len(source), max(rows, measure))
     samples = [transform(to_tensor(source.load(i)[0]), torch.Generator().manual_seed(sample_seed(cfg.seed, 99, i)))
                for i in range(n)]
