@@ -32,7 +32,10 @@ import aclip_kernels as ak
 timm = pytest.importorskip("timm")
 open_clip = pytest.importorskip("open_clip")
 
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+# torch deprecates torch.jit.script (a DeprecationWarning in 2.11, a FutureWarning in 2.14); scripting
+# is what these tests check, for as long as torch has it.
+pytestmark = [pytest.mark.filterwarnings(f"ignore:`torch.jit.script` is deprecated:{category}")
+              for category in ("DeprecationWarning", "FutureWarning")]
 
 SIZE = 64                                               # 4x4 patches of 16 px
 TIMM_VITS = ["vit_tiny_patch16_224", "deit_tiny_patch16_224", "vit_little_patch16_reg4_gap_256"]
