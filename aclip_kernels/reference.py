@@ -22,6 +22,7 @@ __all__ = [
     "cls_attention_backward_ref",
     "align_scores_ref",
     "pool_blocks_ref",
+    "unit_scores_ref",
     "rank_units_ref",
     "select_patches_ref",
     "gather_tokens_ref",
@@ -178,8 +179,21 @@ def attentive_mask_ref(x: Tensor, scores: Optional[Tensor] = None, keep=0.5, *,
     gather (a scatter back to the kept rows); the scores get none.
     """
     p = num_prefix_tokens
-    bx, n_patches = x.shape[0], x.shape[1] - p
-    grid = _score_grid(n_patches, grid)
+    grid = _score_grid(x.shape[1] - p, grid)
+    unit_scores = unit_scores_ref(x, scores, q=q, k=k, prior=prior, num_prefix_tokens=p, grid=grid,
+                                  block=block, boxes=boxes, scale=scale)
+    idx = select_patches_ref(unit_scores, num_keep_units(keep, unit_scores.shape[1]), grid, block)
+    return gather_tokens_ref(x, idx, p), idx
+
+
+def unit_scores_ref(x: Tensor, scores: Optional[Tensor] = None, *, q: Optional[Tensor] = None,
+                    k: Optional[Tensor] = None, prior: Optional[Tensor] = None, num_prefix_tokens: int = 1,
+                    grid: Optional[Tuple[int, int]] = None, block: int = 1, boxes: Optional[Tensor] = None,
+                    scale: Optional[float] = None) -> Tensor:
+    """The float32 scores the selection of ``attentive_mask_ref`` ranks: [Bx, U], U = Hg/b * Wg/b."""
+    p = num_prefix_tokens
+    bx = x.shape[0]
+    grid = _score_grid(x.shape[1] - p, grid)
     with torch.no_grad():
         if scores is None:
             scores = cls_attention_ref(q, k, p, scale)
@@ -193,10 +207,7 @@ def attentive_mask_ref(x: Tensor, scores: Optional[Tensor] = None, keep=0.5, *,
         views = bx // score_map.shape[0]
         score_map = score_map.repeat(views, 1, 1)
         cell_scores = align_scores_ref(score_map, boxes, grid)
-        unit_scores = pool_blocks_ref(cell_scores, block).flatten(1)
-        n_keep = num_keep_units(keep, unit_scores.shape[1])
-        idx = select_patches_ref(unit_scores, n_keep, grid, block)
-    return gather_tokens_ref(x, idx, p), idx
+        return pool_blocks_ref(cell_scores, block).flatten(1)
 
 
 def cls_attention_backward_ref(grad: Tensor, q: Tensor, k: Tensor, num_prefix_tokens: int,

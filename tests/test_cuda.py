@@ -11,7 +11,8 @@ import aclip_kernels as ak
 from aclip_kernels._library import BUILD_INFO, LOAD_ERROR
 from aclip_kernels.reference import attentive_mask_ref, cls_attention_ref, scatter_tokens_ref
 from aclip_kernels.testing import (CLS_ATTENTION_TOL, assert_cls_attention_close, assert_mask_matches_reference,
-                                   cls_attention_inputs, make_mask_inputs, mask_cases, random_boxes, requires_cuda)
+                                   cls_attention_inputs, make_mask_inputs, mask_cases, random_boxes, requires_cuda,
+                                   score_tolerance)
 
 DEVICE = "cuda"
 BACKEND = "cuda"
@@ -47,7 +48,7 @@ def test_attentive_mask_matches_reference(case):
     inputs = make_mask_inputs(case, device=DEVICE)
     kept, idx = ak.attentive_mask(**inputs, backend=BACKEND)
     assert kept.device.type == DEVICE and idx.device.type == DEVICE
-    assert_mask_matches_reference(kept, idx, inputs)
+    assert_mask_matches_reference(kept, idx, inputs, score_tolerance(inputs))
 
 
 def layout_cases(device):
@@ -110,7 +111,7 @@ def layout_cases(device):
 def test_attentive_mask_layouts(name):
     inputs = dict(layout_cases(DEVICE))[name]
     kept, idx = ak.attentive_mask(**inputs, backend=BACKEND)
-    assert_mask_matches_reference(kept, idx, inputs)
+    assert_mask_matches_reference(kept, idx, inputs, score_tolerance(inputs))
 
 
 def _backward_check(x, inputs, grad_layout):
@@ -160,7 +161,7 @@ def test_attentive_mask_on_side_stream():
     with torch.cuda.stream(stream):
         kept, idx = ak.attentive_mask(**inputs, backend=BACKEND)
     stream.synchronize()
-    assert_mask_matches_reference(kept, idx, inputs)
+    assert_mask_matches_reference(kept, idx, inputs, score_tolerance(inputs))
 
 
 @requires_cuda
@@ -169,7 +170,7 @@ def test_attentive_mask_on_second_device():
     inputs = make_mask_inputs(mask_cases()[1], device="cuda:1")
     kept, idx = ak.attentive_mask(**inputs, backend=BACKEND)
     assert kept.device == torch.device("cuda:1")
-    assert_mask_matches_reference(kept, idx, inputs)
+    assert_mask_matches_reference(kept, idx, inputs, score_tolerance(inputs))
 
 
 @requires_cuda

@@ -16,9 +16,10 @@ import aclip_kernels as ak
 from aclip_kernels.ops._checks import check_mask_args
 from aclip_kernels.ops.attentive_mask import op_arguments
 from aclip_kernels.reference import cls_attention_ref, scatter_tokens_ref
+from aclip_kernels.reference import attentive_mask_ref
 from aclip_kernels.testing import (MaskCase, assert_cls_attention_close, assert_mask_matches_reference,
                                    cls_attention_inputs, make_mask_inputs, mask_cases, random_boxes,
-                                   requires_cuda)
+                                   requires_cuda, score_tolerance)
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -53,6 +54,11 @@ def _interpreter(monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
+def _assert_matches(kept, idx, inputs):
+    """Bit-exact in the interpreter; on a GPU, fused q/k scores only within ``score_tolerance``."""
+    assert_mask_matches_reference(kept, idx, inputs, score_tolerance(inputs) if CUDA else None)
+
+
 def _mask_args(inputs: dict):
     return check_mask_args(inputs["x"], inputs.get("scores"), inputs["keep"], inputs.get("q"),
                            inputs.get("k"), inputs.get("prior"), inputs["num_prefix_tokens"],
@@ -65,7 +71,7 @@ def _mask_args(inputs: dict):
 def test_attentive_mask_matches_reference(case):
     inputs = make_mask_inputs(case, device=DEVICE)
     kept, idx = ak.attentive_mask(**inputs, backend="triton")
-    assert_mask_matches_reference(kept, idx, inputs)
+    _assert_matches(kept, idx, inputs)
 
 
 @pytest.mark.parametrize("case", [
@@ -76,7 +82,7 @@ def test_attentive_mask_matches_reference(case):
 def test_attentive_mask_large_shapes(case):
     inputs = make_mask_inputs(case, device=DEVICE)
     kept, idx = ak.attentive_mask(**inputs, backend="triton")
-    assert_mask_matches_reference(kept, idx, inputs)
+    _assert_matches(kept, idx, inputs)
 
 
 def _extreme_scores(rows: int, grid) -> torch.Tensor:
@@ -99,7 +105,7 @@ def test_attentive_mask_extreme_scores(block, boxes, keep):
                   block=block, boxes=random_boxes(2, g) if boxes else None)
     inputs = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
     kept, idx = ak.attentive_mask(**inputs, backend="triton")
-    assert_mask_matches_reference(kept, idx, inputs)
+    _assert_matches(kept, idx, inputs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
@@ -111,12 +117,12 @@ def test_score_dtypes_and_strides(dtype):
     scores = torch.randn(2, 72, generator=g).to(dtype).to(DEVICE)[:, ::2]  # [2, 36], column stride 2
     boxes = random_boxes(4, g).to(DEVICE)
     inputs = dict(x=x, scores=scores, keep=0.5, grid=(6, 6), block=2, boxes=boxes)
-    assert_mask_matches_reference(*ak.attentive_mask(**inputs, backend="triton"), inputs)
+    _assert_matches(*ak.attentive_mask(**inputs, backend="triton"), inputs)
     q = torch.randn(2, 3, 8, generator=g, dtype=torch.float64).to(DEVICE)
     k = torch.randn(2, 3, 1 + 36, 8, generator=g, dtype=torch.float64).to(DEVICE)
     prior = torch.rand(36, 2, generator=g).to(DEVICE).t()
     inputs = dict(x=x, q=q, k=k, prior=prior, keep=9, grid=(6, 6), boxes=boxes)
-    assert_mask_matches_reference(*ak.attentive_mask(**inputs, backend="triton"), inputs)
+    _assert_matches(*ak.attentive_mask(**inputs, backend="triton"), inputs)
 
 
 @st.composite
@@ -151,7 +157,7 @@ def test_attentive_mask_random_problems(problem):
     """Random grids (odd, non-square, block 3: a division by 9), score maps, boxes, keeps."""
     inputs = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in problem.items()}
     kept, idx = ak.attentive_mask(**inputs, backend="triton")
-    assert_mask_matches_reference(kept, idx, inputs)
+    _assert_matches(kept, idx, inputs)
 
 
 def test_random_mask_matches_reference():
@@ -258,7 +264,7 @@ def test_full_grid_on_cuda(case):
     inputs = make_mask_inputs(case, device="cuda")
     kept, idx = ak.attentive_mask(**inputs, backend="triton")
     assert kept.is_cuda and idx.is_cuda
-    assert_mask_matches_reference(kept, idx, inputs)
+    _assert_matches(kept, idx, inputs)
 
 
 @requires_cuda
@@ -275,7 +281,7 @@ def test_torch_compile_fullgraph(case):
 
     compiled = torch.compile(masked, fullgraph=True)
     kept, idx = compiled(x, *args[1:])
-    assert_mask_matches_reference(kept / 2, idx, inputs)
+    _assert_matches(kept / 2, idx, inputs)
     grad = torch.randn_like(kept)
     (grad_x,) = torch.autograd.grad(kept, x, grad)
     expected = scatter_tokens_ref(2 * grad.cpu(), idx.cpu(), case.prefix, x.shape[1] - case.prefix)
@@ -300,7 +306,7 @@ def test_backward_on_cuda_large(dtype):
     inputs = make_mask_inputs(case, device="cuda")
     x = inputs.pop("x").detach().requires_grad_()
     kept, idx = ak.attentive_mask(x, **inputs, backend="triton")
-    assert_mask_matches_reference(kept, idx, dict(inputs, x=x.detach()))
+    _assert_matches(kept, idx, dict(inputs, x=x.detach()))
     grad = torch.randn_like(kept)
     (grad_x,) = torch.autograd.grad(kept, x, grad)
     expected = scatter_tokens_ref(grad.cpu(), idx.cpu(), case.prefix, x.shape[1] - case.prefix)
@@ -312,3 +318,89 @@ def test_backward_on_cuda_large(dtype):
 def test_cls_attention_vit_shapes_on_cuda(tokens, heads, head_dim):
     q, k = cls_attention_inputs(8, heads, tokens, head_dim, torch.bfloat16, device="cuda", strided=True)
     assert_cls_attention_close(ak.cls_attention(q, k, backend="triton"), q, k, 1)
+
+
+def _huge_view(shape, strides, dtype, generator) -> torch.Tensor:
+    """A view with element offsets past 2**31 (strides of a sequence-first packed qkv at large B),
+    filled with random values; the storage is allocated but only the viewed elements are touched,
+    so it costs virtual memory, not RAM."""
+    extent = 1 + sum((n - 1) * s for n, s in zip(shape, strides))
+    assert extent > 2 ** 31
+    view = torch.empty(extent, dtype=dtype).as_strided(shape, strides)
+    view.copy_(torch.randn(shape, generator=generator).to(dtype))
+    return view
+
+
+@pytest.mark.skipif(CUDA, reason="a > 2**31-element view is virtual memory on the CPU only")
+def test_offsets_past_int32_range():
+    """Every stride product is int64: the q/k token stride, x's and grad_kept's column stride and
+    the score map's stride each put element offsets past 2**31 (int32 products would wrap)."""
+    g = torch.Generator().manual_seed(6)
+    big = 800_000_000  # x 3 score cells, x 4 tokens, x 15 columns / 4: > 2**31
+    k = _huge_view((1, 2, 5, 16), (0, 16, big, 1), torch.bfloat16, g)
+    q = torch.randn(1, 2, 16, generator=g).to(torch.bfloat16)
+    assert_cls_attention_close(ak.cls_attention(q, k, backend="triton"), q, k.clone(), 1)
+
+    x = _huge_view((2, 5, 16), (16 * 5, 16, big // 4), torch.bfloat16, g)
+    scores = _huge_view((1, 4), (0, big), torch.float32, g)
+    for inputs in (dict(scores=scores.view(1, 2, 2)), dict(q=q, k=k)):
+        kept, idx = ak.attentive_mask(x, **inputs, keep=2, backend="triton")
+        assert_mask_matches_reference(kept, idx, dict({n: t.clone() for n, t in inputs.items()}, x=x.clone(), keep=2))
+
+    from aclip_kernels.triton.attentive_mask import attentive_mask_backward
+    grad = _huge_view((2, 3, 16), (48, 16, big // 4), torch.bfloat16, g)
+    idx = torch.tensor([[0, 3], [1, 2]])
+    torch.testing.assert_close(attentive_mask_backward(grad, idx, 1, 4),
+                               scatter_tokens_ref(grad.clone(), idx, 1, 4), rtol=0, atol=0)
+
+
+def test_near_ties_are_checked_within_the_score_tolerance():
+    """On hardware the fused scores are only within ``score_tolerance`` of the reference. Row 0 has
+    a near-tie at the selection boundary: a perturbation of the scores within the tolerance flips
+    it, which the exact check rejects and the tolerant one accepts; a genuinely wrong selection
+    still fails. Row 1 is separated, so it is compared exactly even with a tolerance."""
+    tol = (0.0, 1e-5)
+    g = torch.Generator().manual_seed(7)
+    scores = torch.stack([torch.randperm(16, generator=g) for _ in range(2)]).float().view(2, 4, 4) / 16
+    near = (scores[0] == 7 / 16).nonzero()[0].tolist()  # the best dropped unit of row 0 (keep 8)
+    scores[0, near[0], near[1]] = 8 / 16 - 2e-6
+    inputs = dict(x=torch.randn(2, 1 + 16, 8, generator=g), scores=scores, keep=8, grid=(4, 4),
+                  num_prefix_tokens=1)
+    flipped = scores.clone()
+    flipped[0, near[0], near[1]] += 4e-6  # within the tolerance: now ranked 8th
+    kept, idx = attentive_mask_ref(**dict(inputs, scores=flipped))
+    assert not torch.equal(idx, attentive_mask_ref(**inputs)[1])
+    with pytest.raises(AssertionError):
+        assert_mask_matches_reference(kept, idx, inputs)
+    assert_mask_matches_reference(kept, idx, inputs, tol)
+
+    wrong = scores.clone()
+    wrong[0][scores[0] == 0] = 2.0  # the worst unit of row 0 kept instead
+    with pytest.raises(AssertionError, match="more than"):
+        assert_mask_matches_reference(*attentive_mask_ref(**dict(inputs, scores=wrong)), inputs, tol)
+    swapped = flipped.clone()
+    swapped[1][scores[1] == 7 / 16] = 1.0  # row 1 separated by 1/16: the exact comparison applies
+    with pytest.raises(AssertionError, match="separated"):
+        assert_mask_matches_reference(*attentive_mask_ref(**dict(inputs, scores=swapped)), inputs, tol)
+    with pytest.raises(AssertionError):  # rows gathered for another idx
+        assert_mask_matches_reference(attentive_mask_ref(**inputs)[0], idx, inputs, tol)
+
+
+def test_direct_op_calls_are_checked_after_the_public_path():
+    """The public path checks its arguments once and the Triton op impl skips its own check for
+    that call only: a later direct call of the registered op, and one after a public call that
+    failed inside the op, still get the op's clear errors."""
+    case = MaskCase("checked", grid=(4, 4), width=8, boxes=True)
+    inputs = make_mask_inputs(case, device=DEVICE)
+    args = list(op_arguments(_mask_args(inputs)))
+    ak.attentive_mask(**inputs, backend="triton")
+    with pytest.raises(ValueError, match="num_units=99"):
+        torch.ops.aclip_kernels.attentive_mask_triton(*args[:10], 99, args[11])
+    with pytest.raises(ValueError, match="boxes must be finite"):
+        ak.attentive_mask(**dict(inputs, boxes=torch.full_like(inputs["boxes"], float("nan"))), backend="triton")
+    with pytest.raises(ValueError, match="num_units=0"):
+        torch.ops.aclip_kernels.attentive_mask_triton(*args[:10], 0, args[11])
+    q, k = cls_attention_inputs(2, 2, 9, 8, torch.float32, device=DEVICE)
+    ak.cls_attention(q, k, backend="triton")
+    with pytest.raises(ValueError, match="num_prefix_tokens=9"):
+        torch.ops.aclip_kernels.cls_attention_triton(q, k, 9, 0.3, None)

@@ -37,6 +37,8 @@ def check_same_device(reference_name: str, reference: Tensor, **others: Optional
 
 def check_int(name: str, value) -> int:
     """An integer of any kind (Python, numpy), never a bool -> int."""
+    if type(value) is int:  # the common case, without the slow abstract-class checks
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int; got {value!r} ({type(value).__name__})")
     return int(value)
@@ -44,6 +46,8 @@ def check_int(name: str, value) -> int:
 
 def check_real(name: str, value) -> float:
     """A finite real number of any kind (Python, numpy), never a bool -> float."""
+    if type(value) is float and math.isfinite(value):
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number; got {value!r} ({type(value).__name__})")
     if not math.isfinite(value):
@@ -59,9 +63,11 @@ def check_prefix(num_prefix_tokens, num_tokens: int, name: str) -> int:
     return num_prefix_tokens
 
 
-def square_grid(name: str, num: int, shape_text: str) -> Tuple[int, int]:
+def square_grid(name: str, num: int, shape_text) -> Tuple[int, int]:
+    """(side, side) for ``num`` patches; ``shape_text`` (a string, or the tensor, formatted only for the error)."""
     side = math.isqrt(num)
     if side * side != num:
+        shape_text = shape_text if isinstance(shape_text, str) else shape_of(shape_text)
         raise ValueError(f"{name} has {num} patches ({shape_text}), which is not a square grid; "
                          "pass the grid explicitly")
     return side, side
@@ -131,7 +137,8 @@ def check_backward_args(grad_kept: Tensor, idx: Tensor, num_prefix_tokens: int, 
     if idx.numel() == 0 or torch.compiler.is_compiling():
         return
     bad = (idx < 0) | (idx >= num_patches)
-    if bool(bad.any()) or bool((idx[:, 1:] <= idx[:, :-1]).any()):
+    bad[:, 1:] |= idx[:, 1:] <= idx[:, :-1]
+    if bool(bad.any()):  # one value check, one sync with a GPU
         raise ValueError(f"every row of idx must ascend strictly inside [0, num_patches={num_patches}), "
                          "as the forward returns it")
 
@@ -175,7 +182,7 @@ def check_mask_args(x, scores, keep, q, k, prior, num_prefix_tokens, grid: Optio
         if scores.dim() == 3:
             score_grid = (scores.shape[1], scores.shape[2])
         else:
-            score_grid = square_grid("scores", scores.shape[1], shape_of(scores))
+            score_grid = square_grid("scores", scores.shape[1], scores)
         bs = scores.shape[0]
         scores = scores.reshape(bs, score_grid[0] * score_grid[1])
     else:
@@ -183,7 +190,7 @@ def check_mask_args(x, scores, keep, q, k, prior, num_prefix_tokens, grid: Optio
             raise ValueError("the fused scores need both q and k")
         q, k, ns = check_qk(q, k, p)
         bs = q.shape[0]
-        score_grid = square_grid("k", ns, shape_of(k)) if k_grid is None else k_grid
+        score_grid = square_grid("k", ns, k) if k_grid is None else k_grid
         if score_grid[0] * score_grid[1] != ns:
             raise ValueError(f"score_grid={score_grid} does not match the {ns} patches of k {shape_of(k)}")
         check_prior(prior, bs, ns, k)
@@ -192,7 +199,7 @@ def check_mask_args(x, scores, keep, q, k, prior, num_prefix_tokens, grid: Optio
         raise ValueError(f"x has {bx} rows, which is not a multiple of the {bs} rows of the scores "
                          f"(x {shape_of(x)}); views must be stacked view-major")
 
-    grid = square_grid("x", n, shape_of(x)) if grid is None else check_grid(grid, n, x)
+    grid = square_grid("x", n, x) if grid is None else check_grid(grid, n, x)
     block = check_int("block", block)
     if block < 1:
         raise ValueError(f"block must be a positive int; got {block!r}")
@@ -209,7 +216,7 @@ def check_mask_args(x, scores, keep, q, k, prior, num_prefix_tokens, grid: Optio
         boxes = boxes.to(torch.float32).contiguous()
 
     num_units = (grid[0] // block) * (grid[1] // block)
-    if isinstance(keep, bool) or not isinstance(keep, numbers.Real):
+    if type(keep) not in (int, float) and (isinstance(keep, bool) or not isinstance(keep, numbers.Real)):
         raise TypeError(f"{keep_name} must be an int (units) or a float fraction in (0, 1]; got {keep!r}")
     if isinstance(keep, numbers.Integral):
         keep = int(keep)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import threading
 from typing import Optional
 
 import torch
@@ -121,7 +122,35 @@ def check_device(t: torch.Tensor) -> None:
 
 
 def next_pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
+    """The smallest power of two >= max(n, 1), in integer bit arithmetic (``triton.next_power_of_2``
+    costs microseconds per call)."""
+    return 1 << (max(int(n), 1) - 1).bit_length()
+
+
+class _Checked(threading.local):
+    active = False
+
+
+_CHECKED = _Checked()
+
+
+def call_checked(op, *args):
+    """``op(*args)`` for arguments the public path has already checked: the op's Triton impl skips
+    its own metadata checks (see ``consume_checked``). While torch.compile traces, a plain call."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    _CHECKED.active = True
+    try:
+        return op(*args)
+    finally:
+        _CHECKED.active = False
+
+
+def consume_checked() -> bool:
+    """In an op impl: whether the public path checked this call's arguments. It holds for one op
+    call only, so a nested or later direct call of a registered op is checked."""
+    checked, _CHECKED.active = _CHECKED.active, False
+    return checked
 
 
 def dummy(like: torch.Tensor, t: Optional[torch.Tensor]) -> torch.Tensor:

@@ -18,6 +18,7 @@ search in the ascending idx row) or zero, each row of grad_x written once.
 """
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Tuple
 
 import torch
@@ -25,10 +26,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..ops._checks import MaskArgs, check_backward_args, check_mask_op
+from ..ops._checks import MaskArgs, check_backward_args, check_boxes_finite, check_mask_op
 from ..ops.attentive_mask import op_arguments, register_attentive_mask
-from ._common import (autotune, check_device, dummy, fadd, fmul, fsub, launch_options, next_pow2, register_op, use_rn,
-                      wrap_triton)
+from ._common import (autotune, call_checked, check_device, consume_checked, dummy, fadd, fmul, fsub, launch_options,
+                      next_pow2, register_op, use_rn, wrap_triton)
 from .cls_attention import accumulation_dtype, cls_attention_row
 
 __all__ = ["attentive_mask", "attentive_mask_backward", "MASK_OP", "MASK_BACKWARD_OP"]
@@ -62,10 +63,12 @@ def _cell_scores(map_row, sm1, rows, cols, mask, Hs, Ws, Hs_f, Ws_f, Hg_f, Wg_f,
     if RESAMPLE:
         ylo, yhi, wy = _sample_coord(rows, Hg_f, Hs, Hs_f, y0, bh, RN)
         xlo, xhi, wx = _sample_coord(cols, Wg_f, Ws, Ws_f, x0, bw, RN)
-        v00 = tl.load(map_row + (ylo * Ws + xlo) * sm1, mask=mask, other=0.0).to(tl.float32)
-        v01 = tl.load(map_row + (ylo * Ws + xhi) * sm1, mask=mask, other=0.0).to(tl.float32)
-        v10 = tl.load(map_row + (yhi * Ws + xlo) * sm1, mask=mask, other=0.0).to(tl.float32)
-        v11 = tl.load(map_row + (yhi * Ws + xhi) * sm1, mask=mask, other=0.0).to(tl.float32)
+        ylo = ylo.to(tl.int64) * Ws
+        yhi = yhi.to(tl.int64) * Ws
+        v00 = tl.load(map_row + (ylo + xlo) * sm1, mask=mask, other=0.0).to(tl.float32)
+        v01 = tl.load(map_row + (ylo + xhi) * sm1, mask=mask, other=0.0).to(tl.float32)
+        v10 = tl.load(map_row + (yhi + xlo) * sm1, mask=mask, other=0.0).to(tl.float32)
+        v11 = tl.load(map_row + (yhi + xhi) * sm1, mask=mask, other=0.0).to(tl.float32)
         one = tl.full((), 1.0, tl.float32)
         one_wx = fsub(one, wx, RN)
         one_wy = fsub(one, wy, RN)
@@ -73,7 +76,7 @@ def _cell_scores(map_row, sm1, rows, cols, mask, Hs, Ws, Hs_f, Ws_f, Hg_f, Wg_f,
         bottom = fadd(fmul(v10, one_wx, RN), fmul(v11, wx, RN), RN)
         return fadd(fmul(top, one_wy, RN), fmul(bottom, wy, RN), RN)
     else:
-        return tl.load(map_row + (rows * Ws + cols) * sm1, mask=mask, other=0.0).to(tl.float32)
+        return tl.load(map_row + (rows.to(tl.int64) * Ws + cols) * sm1, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -162,7 +165,7 @@ def _select_and_gather(x_row, kept_row, idx_row, map_row, box_row, sm1, sx1, sx2
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             m2 = jmask[:, None] & (offs_d < D)[None, :]
-            vals = tl.load(x_row + src[:, None] * sx1 + offs_d[None, :] * sx2,
+            vals = tl.load(x_row + src[:, None] * sx1 + offs_d.to(tl.int64)[None, :] * sx2,
                            mask=src_ok[:, None] & m2, other=0)
             tl.store(kept_row + dst[:, None] + offs_d[None, :], vals, mask=m2)
 
@@ -237,7 +240,8 @@ def _mask_bwd_kernel(grad_kept, idx, grad_x, P, N, D, M, sg0, sg1, sg2, search_s
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         dmask = (offs_d < D)[None, :]
-        vals = tl.load(src_row[:, None] + offs_d[None, :] * sg2, mask=take[:, None] & dmask, other=0.0)
+        vals = tl.load(src_row[:, None] + offs_d.to(tl.int64)[None, :] * sg2, mask=take[:, None] & dmask,
+                       other=0.0)
         tl.store(dst_row[:, None] + offs_d[None, :], vals, mask=tmask[:, None] & dmask)
 
 
@@ -245,15 +249,31 @@ def fused_block_t(dh: int) -> int:
     return 32 if next_pow2(dh) >= 128 else 64
 
 
+@functools.lru_cache(maxsize=512)
+def _forward_plan(bx: int, d: int, p: int, score_grid: Tuple[int, int], grid: Tuple[int, int], block: int,
+                  num_units: int, bs: int, fused: bool, dh: int, has_prior: bool, has_boxes: bool, rn: bool):
+    """What a ``_mask_fwd_kernel`` launch needs besides tensors, strides and scale, computed once per
+    (shapes, flags): (programs, the scalar arguments after the tensors, constexprs)."""
+    hs, ws = score_grid
+    hg, wg = grid
+    views_per_program, programs = (bx // bs, bs) if fused else (1, bx)
+    scalars = (bs, views_per_program, p, hg * wg, d, num_units * block * block, num_units,
+               hs, ws, float(hs), float(ws), float(hg), float(wg), wg, hg // block, wg // block)
+    constexprs = dict(BLOCK=block, RESAMPLE=has_boxes or score_grid != grid, HAS_BOXES=has_boxes,
+                      FUSED=fused, HAS_PRIOR=has_prior,
+                      BLOCK_HU=next_pow2(hg // block), BLOCK_WU=next_pow2(wg // block),
+                      BLOCK_T=fused_block_t(dh), BLOCK_DH=next_pow2(dh), RN=rn)
+    return programs, scalars, constexprs
+
+
 def forward_launch(x: Tensor, scores: Optional[Tensor], q: Optional[Tensor], k: Optional[Tensor],
                    prior: Optional[Tensor], boxes: Optional[Tensor], num_prefix_tokens: int,
                    score_grid, grid, block: int, num_units: int, scale: float):
-    """(outputs (kept, idx), grid, runtime args, constexprs) of one ``_mask_fwd_kernel`` launch."""
+    """(outputs (kept, idx), grid, runtime args, constexprs) of one ``_mask_fwd_kernel`` launch,
+    for checked arguments."""
     p = num_prefix_tokens
     bx, _, d = x.shape
-    hs, ws = score_grid
-    hg, wg = grid
-    n, m = hg * wg, num_units * block * block
+    m = num_units * block * block
     kept = x.new_empty(bx, p + m, d)
     idx = x.new_empty(bx, m, dtype=torch.int64)
     fused = scores is None
@@ -262,24 +282,18 @@ def forward_launch(x: Tensor, scores: Optional[Tensor], q: Optional[Tensor], k: 
         dtype = accumulation_dtype(q)
         scores = torch.empty(bs, t_k - p, dtype=dtype, device=x.device)  # written by the kernel
         logits = torch.empty(bs, t_k, dtype=dtype, device=x.device)
-        views_per_program, programs = bx // bs, bs
+        q_strides, k_strides = q.stride(), k.stride()
     else:
         bs, heads, dh = scores.shape[0], 1, 1
         logits = scores
-        views_per_program, programs = 1, bx
-    qt, kt, pt = dummy(x, q), dummy(x, k), dummy(x, prior)
-    kt4 = kt.stride() if k is not None else (0, 0, 0, 0)
-    qt3 = qt.stride() if q is not None else (0, 0, 0)
-    pt2 = pt.stride() if prior is not None else (0, 0)
-    runtime = (x, kept, idx, scores, dummy(x, boxes), qt, kt, pt, logits,
-               bs, views_per_program, p, n, d, m, num_units,
-               hs, ws, float(hs), float(ws), float(hg), float(wg), wg, hg // block, wg // block,
-               *x.stride(), *scores.stride(), *qt3, *kt4, *pt2, heads, dh, float(scale))
-    constexprs = dict(BLOCK=block, RESAMPLE=boxes is not None or (hs, ws) != (hg, wg),
-                      HAS_BOXES=boxes is not None, FUSED=fused, HAS_PRIOR=prior is not None,
-                      BLOCK_HU=next_pow2(hg // block), BLOCK_WU=next_pow2(wg // block),
-                      BLOCK_T=fused_block_t(dh), BLOCK_DH=next_pow2(dh), RN=use_rn(x.device))
-    return (kept, idx), (programs,), runtime, constexprs
+        q_strides, k_strides = (0, 0, 0), (0, 0, 0, 0)
+    programs, scalars, constexprs = _forward_plan(
+        bx, d, p, tuple(score_grid), tuple(grid), block, num_units, bs, fused, dh, prior is not None,
+        boxes is not None, use_rn(x.device))
+    runtime = (x, kept, idx, scores, dummy(x, boxes), dummy(x, q), dummy(x, k), dummy(x, prior), logits,
+               *scalars, *x.stride(), *scores.stride(), *q_strides, *k_strides,
+               *((0, 0) if prior is None else prior.stride()), heads, dh, float(scale))
+    return (kept, idx), (programs,), runtime, dict(constexprs)
 
 
 @register_op(MASK_OP, MASK_SCHEMA)
@@ -287,7 +301,10 @@ def _attentive_mask_op(x: Tensor, scores: Optional[Tensor], q: Optional[Tensor],
                        prior: Optional[Tensor], boxes: Optional[Tensor], num_prefix_tokens: int,
                        score_grid: List[int], grid: List[int], block: int, num_units: int,
                        scale: float) -> Tuple[Tensor, Tensor]:
-    check_mask_op(x, scores, q, k, prior, boxes, num_prefix_tokens, score_grid, grid, block, num_units, scale)
+    if not consume_checked():
+        check_mask_op(x, scores, q, k, prior, boxes, num_prefix_tokens, score_grid, grid, block, num_units, scale)
+    elif boxes is not None:  # the public path leaves this value check (a GPU sync) to the op
+        check_boxes_finite(boxes)
     outputs, launch_grid, runtime, constexprs = forward_launch(
         x, scores, q, k, prior, boxes, num_prefix_tokens, score_grid, grid, block, num_units, scale)
     wrap_triton(_mask_fwd_kernel)[launch_grid](*runtime, **constexprs, **launch_options(x.device))
@@ -324,4 +341,4 @@ register_attentive_mask(MASK_OP, torch.ops.aclip_kernels.attentive_mask_backward
 def attentive_mask(args: MaskArgs) -> Tuple[Tensor, Tensor]:
     """The checked arguments -> (kept [Bx, P + n*b*b, D], idx [Bx, n*b*b] int64 ascending)."""
     check_device(args.x)
-    return torch.ops.aclip_kernels.attentive_mask_triton(*op_arguments(args))
+    return call_checked(torch.ops.aclip_kernels.attentive_mask_triton, *op_arguments(args))

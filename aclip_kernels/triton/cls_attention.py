@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..ops._checks import check_cls_attention_op
 from ..ops.cls_attention import register_cls_attention
-from ._common import autotune, check_device, next_pow2, register_op, wrap_triton
+from ._common import autotune, call_checked, check_device, consume_checked, next_pow2, register_op, wrap_triton
 
 __all__ = ["cls_attention", "cls_attention_row", "CLS_ATTENTION_OP"]
 
@@ -36,14 +36,17 @@ def cls_attention_row(q_row, k_row, prior_row, out_row, logit_row, H, T, P, Dh,
     n_patches = T - P
     offs_d = tl.arange(0, BLOCK_DH)
     dmask = offs_d < Dh
+    d_q = offs_d.to(tl.int64) * sq2  # every stride product in int64 (a packed qkv passes 2**31)
+    d_k = offs_d.to(tl.int64)[None, :] * sk3
     for h in range(H):
-        qh = tl.load(q_row + h * sq1 + offs_d * sq2, mask=dmask, other=0.0).to(acc_ty)
+        h64 = tl.full((), 0, tl.int64) + h
+        qh = tl.load(q_row + h64 * sq1 + d_q, mask=dmask, other=0.0).to(acc_ty)
         top = tl.full((), float("-inf"), acc_ty)
         total = tl.full((), 0.0, acc_ty)
         for t0 in range(0, T, BLOCK_T):
             offs_t = t0 + tl.arange(0, BLOCK_T)
             tmask = offs_t < T
-            kt = tl.load(k_row + h * sk1 + offs_t[:, None] * sk2 + offs_d[None, :] * sk3,
+            kt = tl.load(k_row + h64 * sk1 + offs_t.to(tl.int64)[:, None] * sk2 + d_k,
                          mask=tmask[:, None] & dmask[None, :], other=0.0).to(acc_ty)
             logit = tl.sum(kt * qh[None, :], axis=1) * scale
             logit = tl.where(tmask, logit, float("-inf"))
@@ -65,7 +68,7 @@ def cls_attention_row(q_row, k_row, prior_row, out_row, logit_row, H, T, P, Dh,
         nmask = offs_n < n_patches
         mean = tl.load(out_row + offs_n, mask=nmask, other=0.0) / H
         if HAS_PRIOR:
-            mean = tl.load(prior_row + offs_n * sp1, mask=nmask, other=0.0).to(acc_ty) + mean
+            mean = tl.load(prior_row + offs_n.to(tl.int64) * sp1, mask=nmask, other=0.0).to(acc_ty) + mean
         tl.store(out_row + offs_n, mean, mask=nmask)
 
 
@@ -100,7 +103,8 @@ def launch_args(q: Tensor, k: Tensor, prior: Optional[Tensor], out: Tensor, logi
 @register_op(CLS_ATTENTION_OP, SCHEMA)
 def _cls_attention_op(q: Tensor, k: Tensor, num_prefix_tokens: int, scale: float,
                       prior: Optional[Tensor]) -> Tensor:
-    check_cls_attention_op(q, k, num_prefix_tokens, prior)
+    if not consume_checked():
+        check_cls_attention_op(q, k, num_prefix_tokens, prior)
     b, h, t, dh = k.shape
     n = t - num_prefix_tokens
     dtype = accumulation_dtype(q)
@@ -120,4 +124,4 @@ def cls_attention(q: Tensor, k: Tensor, num_prefix_tokens: int, scale: float,
     """q [B, H, Dh], k [B, H, T, Dh] -> [B, N]: ``out + attention`` as a new tensor when ``out`` is
     given (the caller copies it back), else the attention. Differentiable in q and k."""
     check_device(q)
-    return torch.ops.aclip_kernels.cls_attention_triton(q, k, num_prefix_tokens, float(scale), out)
+    return call_checked(torch.ops.aclip_kernels.cls_attention_triton, q, k, num_prefix_tokens, float(scale), out)

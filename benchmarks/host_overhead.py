@@ -1,0 +1,132 @@
+"""Host overhead of the public ops: ``aclip_kernels.attentive_mask`` against the raw ``torch.ops`` call
+of the same backend, with and without autograd, medians and ratios side by side in one run.
+
+    python benchmarks/host_overhead.py [--rounds 200] [--out benchmarks/results]
+
+Backends: ``cpu`` (the compiled CPU op, at shapes small enough that the kernel costs little next to
+the host), and ``triton`` with the kernel launch stubbed: the autotuned kernel's ``run`` is replaced
+by a no-op, so what is timed is every Python step of a launch except Triton's own launcher (on a
+machine without a GPU the Triton ops run CPU tensors under ``TRITON_INTERPRET=1``, set here). The
+target of issue #14 is a ratio within 1.3x.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before aclip_kernels.triton is imported
+
+import torch  # noqa: E402
+
+import aclip_kernels as ak  # noqa: E402
+from aclip_kernels.benchmarking import environment  # noqa: E402
+from aclip_kernels.ops._checks import check_mask_args  # noqa: E402
+from aclip_kernels.ops.attentive_mask import op_arguments  # noqa: E402
+
+CASES = {  # name: (Bs, views, grid, D, block, boxes, fused)
+    "scores": (2, 1, (14, 14), 8, 1, False, False),
+    "fused-qk-boxes-b2": (2, 2, (14, 14), 8, 2, True, True),
+}
+
+
+def inputs(case: str) -> dict:
+    bs, views, grid, d, block, boxes, fused = CASES[case]
+    g = torch.Generator().manual_seed(0)
+    n = grid[0] * grid[1]
+    kwargs = dict(x=torch.randn(bs * views, 1 + n, d, generator=g), keep=0.5, num_prefix_tokens=1,
+                  grid=grid, block=block)
+    if fused:
+        kwargs.update(q=torch.randn(bs, 2, 8, generator=g), k=torch.randn(bs, 2, 1 + n, 8, generator=g))
+    else:
+        kwargs["scores"] = torch.randn(bs, n, generator=g)
+    if boxes:
+        kwargs["boxes"] = torch.tensor([[0.1, 0.1, 0.8, 0.8]]).repeat(bs * views, 1)
+    return kwargs
+
+
+def median_us(fn, rounds: int, inner: int = 20) -> float:
+    for _ in range(20):
+        fn()
+    samples = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        samples.append((time.perf_counter() - start) / inner)
+    return statistics.median(samples) * 1e6
+
+
+def methods(backend: str, case: str, grad: bool):
+    """(public call, raw op call) for one backend, case and autograd setting."""
+    kw = inputs(case)
+    x = kw.pop("x").requires_grad_(grad)
+    args = check_mask_args(x, kw.get("scores"), kw["keep"], kw.get("q"), kw.get("k"), None,
+                           kw["num_prefix_tokens"], kw["grid"], kw["block"], kw.get("boxes"), None)
+    op = torch.ops.aclip_kernels.attentive_mask if backend == "cpu" else torch.ops.aclip_kernels.attentive_mask_triton
+    raw_args = op_arguments(args)
+    return (lambda: ak.attentive_mask(x, **kw, backend=backend)), (lambda: op(*raw_args))
+
+
+def run(rounds: int) -> list:
+    import importlib
+
+    triton_mask = importlib.import_module("aclip_kernels.triton.attentive_mask")  # the package re-exports
+    rows = []
+    backends = [b for b in ("cpu", "triton") if b in ak.available_backends("cpu")]
+    kernel = triton_mask._mask_fwd_kernel
+    kernel.run = lambda *args, **kwargs: None  # the stub: every host step but Triton's launcher
+    try:
+        for backend in backends:
+            for case in CASES:
+                for grad in (False, True):
+                    public, raw = methods(backend, case, grad)
+                    times = {}
+                    for _ in range(3):  # interleaved, the best median of each
+                        for name, fn in (("public", public), ("raw", raw)):
+                            t = median_us(fn, rounds)
+                            times[name] = min(times.get(name, t), t)
+                    rows.append(dict(backend=backend + (" (launch stubbed)" if backend == "triton" else ""),
+                                     case=case, autograd=grad, public_us=round(times["public"], 1),
+                                     raw_us=round(times["raw"], 1),
+                                     ratio=round(times["public"] / times["raw"], 2)))
+                    print(json.dumps(rows[-1]), flush=True)
+    finally:
+        del kernel.run
+    return rows
+
+
+def markdown(rows: list, env: dict) -> str:
+    lines = ["# Host overhead: public op vs raw torch.ops call", "",
+             f"{env['date']}, torch {env['torch']}, triton {env['triton']}, {env['device']}, "
+             f"{env['threads']} threads, commit {env['git_commit']}. Medians of {{rounds}} x 20 calls, best of 3.", "",
+             "| backend | case | autograd | public (µs) | raw op (µs) | ratio |", "|---|---|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['backend']} | {r['case']} | {'yes' if r['autograd'] else 'no'} | {r['public_us']} "
+                     f"| {r['raw_us']} | {r['ratio']}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=100)
+    parser.add_argument("--out", type=Path, default=None, help="write host_overhead.{json,md} here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    rows = run(args.rounds)
+    env = environment("cpu")
+    text = markdown(rows, env).replace("{rounds}", str(args.rounds))
+    print(text)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "host_overhead.json").write_text(json.dumps(dict(environment=env, rows=rows), indent=1) + "\n")
+        (args.out / "host_overhead.md").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
