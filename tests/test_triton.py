@@ -404,3 +404,15 @@ def test_direct_op_calls_are_checked_after_the_public_path():
     ak.cls_attention(q, k, backend="triton")
     with pytest.raises(ValueError, match="num_prefix_tokens=9"):
         torch.ops.aclip_kernels.cls_attention_triton(q, k, 9, 0.3, None)
+
+
+def test_autotune_keys_name_kernel_parameters():
+    """Triton's autotuner silently drops a key that names no parameter: every key must name one,
+    and the keys must include the row bucket (and, for the forward, fused and block)."""
+    from aclip_kernels.triton import compile_check
+    kernels = {"fwd": compile_check.am._mask_fwd_kernel, "bwd": compile_check.am._mask_bwd_kernel,
+               "cls": compile_check.ca._cls_attention_kernel}
+    for name, kernel in kernels.items():
+        assert set(kernel.keys) <= set(kernel.fn.arg_names), (name, kernel.keys)
+        assert "rows_bucket" in kernel.keys, name
+    assert {"FUSED", "BLOCK"} <= set(kernels["fwd"].keys)

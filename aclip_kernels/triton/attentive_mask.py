@@ -15,6 +15,17 @@ Forward, per output row r (view v of image i = r % Bs):
   6. the prefix rows and the kept rows of x copied into ``kept`` in [rows, D] tiles.
 Backward: grad_x row t is grad_kept's prefix row, the grad_kept row whose idx equals t (binary
 search in the ascending idx row) or zero, each row of grad_x written once.
+
+Launch: the grid, scalars and constexprs of a forward launch are cached per (shapes, flags)
+(``_forward_plan``); the public path checks its arguments once (``call_checked``), a direct call of
+the registered op is checked by the op. All offsets are int64 products.
+
+Autotuning: keyed on what changes the best config, not on (N, D) alone: the row count bucketed to
+a power of two (``rows_bucket``: a small eval batch and B=512 fill the GPU differently), fused q/k
+or not (the fused program runs a whole image's scoring before its copies), the block size and
+boxes (the selection's share of a program), and the dtypes (the autotuner adds them). Heuristics
+in the style of Liger (a config computed from D and the row count) would skip the first-call
+benchmark, but need GPU timings to fit; with none measured yet, autotuning stays, keyed properly.
 """
 from __future__ import annotations
 
@@ -175,20 +186,21 @@ _FWD_CONFIGS = [triton.Config({"COPY_ROWS": r, "BLOCK_D": d}, num_warps=w)
                                 (32, 128, 8))]
 
 
-@autotune(_FWD_CONFIGS, key=["N", "D"])
-@triton.jit(do_not_specialize=["n_units"])
+@autotune(_FWD_CONFIGS, key=["N", "D", "rows_bucket", "FUSED", "BLOCK", "HAS_BOXES"])
+@triton.jit(do_not_specialize=["n_units", "rows_bucket"])
 def _mask_fwd_kernel(x, kept, idx, scores, boxes, q, k, prior, logits,
                      Bs, views_per_program, P, N, D, M, n_units,
                      Hs, Ws, Hs_f, Ws_f, Hg_f, Wg_f, Wg, Hu, Wu,
                      sx0, sx1, sx2, ss0, ss1, sq0, sq1, sq2, sk0, sk1, sk2, sk3, sp0, sp1,
-                     H, Dh, scale,
+                     H, Dh, scale, rows_bucket,
                      BLOCK: tl.constexpr, RESAMPLE: tl.constexpr, HAS_BOXES: tl.constexpr,
                      FUSED: tl.constexpr, HAS_PRIOR: tl.constexpr,
                      BLOCK_HU: tl.constexpr, BLOCK_WU: tl.constexpr,
                      BLOCK_T: tl.constexpr, BLOCK_DH: tl.constexpr, RN: tl.constexpr,
                      COPY_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     """Grid (Bs * V / views_per_program,): program g * Bs + i does views
-    [g * views_per_program, (g + 1) * views_per_program) of image i."""
+    [g * views_per_program, (g + 1) * views_per_program) of image i. ``rows_bucket`` (the program
+    count rounded up to a power of two) is read only by the autotuner's key."""
     pid = tl.program_id(0)
     image = pid % Bs
     group = pid // Bs
@@ -212,9 +224,9 @@ _BWD_CONFIGS = [triton.Config({"BLOCK_T": t, "BLOCK_D": d}, num_warps=w)
                 for t, d, w in ((32, 256, 4), (8, 256, 4), (16, 128, 4), (16, 256, 8), (8, 512, 8))]
 
 
-@autotune(_BWD_CONFIGS, key=["N", "D"])
-@triton.jit
-def _mask_bwd_kernel(grad_kept, idx, grad_x, P, N, D, M, sg0, sg1, sg2, search_steps,
+@autotune(_BWD_CONFIGS, key=["N", "D", "M", "rows_bucket"])
+@triton.jit(do_not_specialize=["rows_bucket"])
+def _mask_bwd_kernel(grad_kept, idx, grad_x, P, N, D, M, sg0, sg1, sg2, search_steps, rows_bucket,
                      BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """Grid (Bx, cdiv(P + N, BLOCK_T)): rows [BLOCK_T * pid1, ...) of grad_x [Bx, P+N, D]."""
     r = tl.program_id(0).to(tl.int64)
@@ -259,11 +271,13 @@ def _forward_plan(bx: int, d: int, p: int, score_grid: Tuple[int, int], grid: Tu
     views_per_program, programs = (bx // bs, bs) if fused else (1, bx)
     scalars = (bs, views_per_program, p, hg * wg, d, num_units * block * block, num_units,
                hs, ws, float(hs), float(ws), float(hg), float(wg), wg, hg // block, wg // block)
+    # ``forward_launch`` appends (strides..., heads, dh, scale) and then ``rows_bucket``
+    rows_bucket = next_pow2(programs)
     constexprs = dict(BLOCK=block, RESAMPLE=has_boxes or score_grid != grid, HAS_BOXES=has_boxes,
                       FUSED=fused, HAS_PRIOR=has_prior,
                       BLOCK_HU=next_pow2(hg // block), BLOCK_WU=next_pow2(wg // block),
                       BLOCK_T=fused_block_t(dh), BLOCK_DH=next_pow2(dh), RN=rn)
-    return programs, scalars, constexprs
+    return programs, scalars, rows_bucket, constexprs
 
 
 def forward_launch(x: Tensor, scores: Optional[Tensor], q: Optional[Tensor], k: Optional[Tensor],
@@ -287,12 +301,12 @@ def forward_launch(x: Tensor, scores: Optional[Tensor], q: Optional[Tensor], k: 
         bs, heads, dh = scores.shape[0], 1, 1
         logits = scores
         q_strides, k_strides = (0, 0, 0), (0, 0, 0, 0)
-    programs, scalars, constexprs = _forward_plan(
+    programs, scalars, rows_bucket, constexprs = _forward_plan(
         bx, d, p, tuple(score_grid), tuple(grid), block, num_units, bs, fused, dh, prior is not None,
         boxes is not None, use_rn(x.device))
     runtime = (x, kept, idx, scores, dummy(x, boxes), dummy(x, q), dummy(x, k), dummy(x, prior), logits,
                *scalars, *x.stride(), *scores.stride(), *q_strides, *k_strides,
-               *((0, 0) if prior is None else prior.stride()), heads, dh, float(scale))
+               *((0, 0) if prior is None else prior.stride()), heads, dh, float(scale), rows_bucket)
     return (kept, idx), (programs,), runtime, dict(constexprs)
 
 
@@ -315,6 +329,14 @@ def search_steps(num_kept: int) -> int:
     return max(1, int(num_kept).bit_length())
 
 
+def backward_args(grad_kept: Tensor, idx: Tensor, grad_x: Tensor, num_prefix_tokens: int,
+                  num_patches: int) -> tuple:
+    """The runtime arguments of ``_mask_bwd_kernel`` (also used by the compile check)."""
+    m = idx.shape[1]
+    return (grad_kept, idx, grad_x, num_prefix_tokens, num_patches, grad_kept.shape[2], m, *grad_kept.stride(),
+            search_steps(m), next_pow2(grad_kept.shape[0]))
+
+
 @register_op(MASK_BACKWARD_OP, MASK_BACKWARD_SCHEMA)
 def _attentive_mask_backward_op(grad_kept: Tensor, idx: Tensor, num_prefix_tokens: int,
                                 num_patches: int) -> Tensor:
@@ -324,7 +346,7 @@ def _attentive_mask_backward_op(grad_kept: Tensor, idx: Tensor, num_prefix_token
     idx = idx.contiguous()
     grad_x = grad_kept.new_empty(bx, p + num_patches, d)
     wrap_triton(_mask_bwd_kernel)[lambda meta: (bx, triton.cdiv(p + num_patches, meta["BLOCK_T"]))](
-        grad_kept, idx, grad_x, p, num_patches, d, m, *grad_kept.stride(), search_steps(m))
+        *backward_args(grad_kept, idx, grad_x, p, num_patches))
     return grad_x
 
 

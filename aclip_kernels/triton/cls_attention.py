@@ -4,6 +4,8 @@ added into the output row; at the end the row is divided by H and the prior is a
 
 q [B, H, Dh], k [B, H, T, Dh] (any strides, fp32/fp16/bf16/fp64) -> [B, N] float32 (float64 for
 float64 inputs), accumulating in the output's dtype. Extra memory: the [B, T] logits scratch.
+Offsets are int64 products (a sequence-first packed qkv at large B passes 2**31 elements). The
+autotuner's key: N, Dh, H and the batch rounded up to a power of two (``rows_bucket``).
 """
 from __future__ import annotations
 
@@ -75,10 +77,10 @@ def cls_attention_row(q_row, k_row, prior_row, out_row, logit_row, H, T, P, Dh,
 _CONFIGS = [triton.Config({"BLOCK_T": bt}, num_warps=w) for bt, w in ((128, 4), (32, 2), (64, 4), (256, 8))]
 
 
-@autotune(_CONFIGS, key=["N", "Dh"])
-@triton.jit
+@autotune(_CONFIGS, key=["N", "Dh", "H", "rows_bucket"])
+@triton.jit(do_not_specialize=["rows_bucket"])
 def _cls_attention_kernel(q, k, prior, out, logits, H, T, P, N, Dh,
-                          sq0, sq1, sq2, sk0, sk1, sk2, sk3, sp0, sp1, scale,
+                          sq0, sq1, sq2, sk0, sk1, sk2, sk3, sp0, sp1, scale, rows_bucket,
                           HAS_PRIOR: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_T: tl.constexpr):
     """Grid (B,): row b of out [B, N] from q [B, H, Dh], k [B, H, T, Dh], prior [B, N]."""
     b = tl.program_id(0).to(tl.int64)
@@ -97,7 +99,7 @@ def launch_args(q: Tensor, k: Tensor, prior: Optional[Tensor], out: Tensor, logi
     prior_t = out if prior is None else prior
     b, h, t, dh = k.shape
     return (q, k, prior_t, out, logits, h, t, num_prefix_tokens, t - num_prefix_tokens, dh,
-            *q.stride(), *k.stride(), prior_t.stride(0), prior_t.stride(1), scale)
+            *q.stride(), *k.stride(), prior_t.stride(0), prior_t.stride(1), scale, next_pow2(b))
 
 
 @register_op(CLS_ATTENTION_OP, SCHEMA)

@@ -7,6 +7,12 @@ prints one JSON line per compiled variant (kernel, variant, cc, config, ok, erro
 mul.rn and ftz instructions, and of 16-byte global loads / stores).
 The variants are built from real launch arguments (``forward_launch`` etc.), so their signatures
 are the ones a launch would produce.
+
+    python -m aclip_kernels.triton.compile_check --facts --out benchmarks/results/compile_facts.md
+
+writes the compile-facts table instead (``compile_facts.py``): per variant, for sm_80, sm_90 and
+AMD gfx942, registers, spills, the widths of the row copies' global accesses and the barriers in
+the selection phase.
 """
 from __future__ import annotations
 
@@ -57,9 +63,9 @@ def _source(kernel, runtime: tuple, constexprs: dict) -> ASTSource:
     return ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
 
 
-def _mask_variant(dtype, block, boxes, coarse=False, fused=False, prior=False):
+def _mask_variant(dtype, block, boxes, coarse=False, fused=False, prior=False, width=64):
     bs, views, p, hg = 2, 2 if boxes else 1, 1, 8
-    x = torch.zeros(bs * views, p + hg * hg, 64, dtype=dtype)
+    x = torch.zeros(bs * views, p + hg * hg, width, dtype=dtype)
     scores = q = k = pr = bx = None
     hs = hg // 2 + 1 if coarse else hg
     if fused:
@@ -74,7 +80,7 @@ def _mask_variant(dtype, block, boxes, coarse=False, fused=False, prior=False):
                                                   hg * hg // (2 * block * block), 0.25)
     constexprs["RN"] = True
     name = (f"{str(dtype)[6:]}-b{block}{'-boxes' if boxes else ''}{'-coarse' if coarse else ''}"
-            f"{'-qk' if fused else ''}{'-prior' if prior else ''}")
+            f"{'-qk' if fused else ''}{'-prior' if prior else ''}{'' if width == 64 else f'-d{width}'}")
     return name, runtime, constexprs
 
 
@@ -101,9 +107,8 @@ def variants() -> Iterator[Tuple[str, object, str, tuple, dict, bool]]:
             yield ("attentive_mask_fwd", am._mask_fwd_kernel, *_mask_variant(dtype, **setting), all_configs)
         grad = torch.zeros(4, 1 + 1000, 64, dtype=dtype)
         idx = torch.zeros(4, 1000, dtype=torch.int64)
-        yield ("attentive_mask_bwd", am._mask_bwd_kernel, str(dtype)[6:],
-               (grad, idx, grad, 1, 1000, 64, 1000, *grad.stride(), am.search_steps(1000)), {},
-               dtype == torch.bfloat16)
+        yield ("attentive_mask_bwd", am._mask_bwd_kernel, str(dtype)[6:], am.backward_args(grad, idx, grad, 1, 1000),
+               {}, dtype == torch.bfloat16)
     for dtype, prior, all_configs in CLS_VARIANTS:
         q = torch.zeros(2, 4, 16, dtype=dtype)
         k = torch.zeros(2, 4, 17, 16, dtype=dtype)
@@ -176,10 +181,16 @@ def main(argv=None) -> int:
     parser.add_argument("--all-configs", action="store_true")
     parser.add_argument("--mutation-analysis", action="store_true",
                         help="print what torch.compile's analysis thinks each variant writes instead")
+    parser.add_argument("--facts", action="store_true",
+                        help="write the compile-facts table (sm_80, sm_90, gfx942) instead")
+    parser.add_argument("--out", default=None, help="with --facts: the markdown file (JSON next to it)")
     args = parser.parse_args(argv)
     if INTERPRET:
         print("TRITON_INTERPRET=1 is set; unset it to compile", file=sys.stderr)
         return 2
+    if args.facts:
+        from .compile_facts import main as facts_main
+        return facts_main(args.out)
     if args.mutation_analysis:
         for record in mutation_analysis(args.cc[-1]):
             print(json.dumps(record), flush=True)
