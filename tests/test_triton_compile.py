@@ -91,3 +91,26 @@ def test_torch_compile_mutation_analysis_is_fast_and_precise():
     for r in lines:
         assert set(r["writes"]) <= allowed[r["kernel"]], r
         assert r["seconds"] < 20, r
+
+
+# A few variants on every target of the compile-facts table (sm_80, sm_90, gfx942): a row width
+# that is a multiple of 16 bytes but not of 16 elements, a fused ViT-B/16 variant, the backward.
+FACT_VARIANTS = ("attentive_mask_fwd/float32-b1-d100", "attentive_mask_fwd/bfloat16-b2-boxes-qk-d768-g14",
+                 "attentive_mask_bwd/bfloat16")
+
+
+def test_compile_facts_no_spills_and_vector_row_copies(tmp_path):
+    """The compile-facts check (``compile_check --facts``): no variant spills, and every row copy
+    whose D * itemsize is a multiple of 16 bytes uses 16-byte global accesses, on each target."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    out = tmp_path / "facts.md"
+    proc = subprocess.run([sys.executable, "-m", "aclip_kernels.triton.compile_check", "--facts", "--out", str(out),
+                           "--only", *FACT_VARIANTS], capture_output=True, text=True, env=env, timeout=600)
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert {(r["kernel"] + "/" + r["variant"], r["target"]) for r in records} == {
+        (v, t) for v in FACT_VARIANTS for t in ("sm_80", "sm_90", "gfx942")}, proc.stderr[-3000:]
+    assert proc.returncode == 0, out.read_text() if out.exists() else proc.stderr[-3000:]
+    for r in records:
+        assert r["spills"] == 0 and r["copy_ld"] and min(r["copy_ld"] + r["copy_st"]) == 16, r
+    assert "| attentive_mask_fwd | float32-b1-d100 | 400 | sm_90 |" in out.read_text()

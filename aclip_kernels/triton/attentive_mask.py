@@ -40,7 +40,7 @@ from torch import Tensor
 from ..ops._checks import MaskArgs, check_backward_args, check_boxes_finite, check_mask_op
 from ..ops.attentive_mask import op_arguments, register_attentive_mask
 from ._common import (autotune, call_checked, check_device, consume_checked, dummy, fadd, fmul, fsub, launch_options,
-                      next_pow2, register_op, use_rn, wrap_triton)
+                      next_pow2, register_op, use_rn, vector_width, wrap_triton)
 from .cls_attention import accumulation_dtype, cls_attention_row
 
 __all__ = ["attentive_mask", "attentive_mask_backward", "MASK_OP", "MASK_BACKWARD_OP"]
@@ -196,11 +196,15 @@ def _mask_fwd_kernel(x, kept, idx, scores, boxes, q, k, prior, logits,
                      BLOCK: tl.constexpr, RESAMPLE: tl.constexpr, HAS_BOXES: tl.constexpr,
                      FUSED: tl.constexpr, HAS_PRIOR: tl.constexpr,
                      BLOCK_HU: tl.constexpr, BLOCK_WU: tl.constexpr,
-                     BLOCK_T: tl.constexpr, BLOCK_DH: tl.constexpr, RN: tl.constexpr,
+                     BLOCK_T: tl.constexpr, BLOCK_DH: tl.constexpr, RN: tl.constexpr, VEC: tl.constexpr,
                      COPY_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     """Grid (Bs * V / views_per_program,): program g * Bs + i does views
     [g * views_per_program, (g + 1) * views_per_program) of image i. ``rows_bucket`` (the program
     count rounded up to a power of two) is read only by the autotuner's key."""
+    if VEC > 1:  # VEC divides D and x's row strides: lets the row copies vectorise
+        D = (D // VEC) * VEC
+        sx0 = (sx0 // VEC) * VEC
+        sx1 = (sx1 // VEC) * VEC
     pid = tl.program_id(0)
     image = pid % Bs
     group = pid // Bs
@@ -227,8 +231,12 @@ _BWD_CONFIGS = [triton.Config({"BLOCK_T": t, "BLOCK_D": d}, num_warps=w)
 @autotune(_BWD_CONFIGS, key=["N", "D", "M", "rows_bucket"])
 @triton.jit(do_not_specialize=["rows_bucket"])
 def _mask_bwd_kernel(grad_kept, idx, grad_x, P, N, D, M, sg0, sg1, sg2, search_steps, rows_bucket,
-                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+                     VEC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """Grid (Bx, cdiv(P + N, BLOCK_T)): rows [BLOCK_T * pid1, ...) of grad_x [Bx, P+N, D]."""
+    if VEC > 1:  # VEC divides D and grad_kept's row strides: lets the row copies vectorise
+        D = (D // VEC) * VEC
+        sg0 = (sg0 // VEC) * VEC
+        sg1 = (sg1 // VEC) * VEC
     r = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = t < P + N
@@ -263,7 +271,8 @@ def fused_block_t(dh: int) -> int:
 
 @functools.lru_cache(maxsize=512)
 def _forward_plan(bx: int, d: int, p: int, score_grid: Tuple[int, int], grid: Tuple[int, int], block: int,
-                  num_units: int, bs: int, fused: bool, dh: int, has_prior: bool, has_boxes: bool, rn: bool):
+                  num_units: int, bs: int, fused: bool, dh: int, has_prior: bool, has_boxes: bool, rn: bool,
+                  vec: int):
     """What a ``_mask_fwd_kernel`` launch needs besides tensors, strides and scale, computed once per
     (shapes, flags): (programs, the scalar arguments after the tensors, constexprs)."""
     hs, ws = score_grid
@@ -276,7 +285,7 @@ def _forward_plan(bx: int, d: int, p: int, score_grid: Tuple[int, int], grid: Tu
     constexprs = dict(BLOCK=block, RESAMPLE=has_boxes or score_grid != grid, HAS_BOXES=has_boxes,
                       FUSED=fused, HAS_PRIOR=has_prior,
                       BLOCK_HU=next_pow2(hg // block), BLOCK_WU=next_pow2(wg // block),
-                      BLOCK_T=fused_block_t(dh), BLOCK_DH=next_pow2(dh), RN=rn)
+                      BLOCK_T=fused_block_t(dh), BLOCK_DH=next_pow2(dh), RN=rn, VEC=vec)
     return programs, scalars, rows_bucket, constexprs
 
 
@@ -303,7 +312,7 @@ def forward_launch(x: Tensor, scores: Optional[Tensor], q: Optional[Tensor], k: 
         q_strides, k_strides = (0, 0, 0), (0, 0, 0, 0)
     programs, scalars, rows_bucket, constexprs = _forward_plan(
         bx, d, p, tuple(score_grid), tuple(grid), block, num_units, bs, fused, dh, prior is not None,
-        boxes is not None, use_rn(x.device))
+        boxes is not None, use_rn(x.device), vector_width(x))
     runtime = (x, kept, idx, scores, dummy(x, boxes), dummy(x, q), dummy(x, k), dummy(x, prior), logits,
                *scalars, *x.stride(), *scores.stride(), *q_strides, *k_strides,
                *((0, 0) if prior is None else prior.stride()), heads, dh, float(scale), rows_bucket)
@@ -342,11 +351,11 @@ def _attentive_mask_backward_op(grad_kept: Tensor, idx: Tensor, num_prefix_token
                                 num_patches: int) -> Tensor:
     check_backward_args(grad_kept, idx, num_prefix_tokens, num_patches)
     bx, _, d = grad_kept.shape
-    p, m = num_prefix_tokens, idx.shape[1]
+    p = num_prefix_tokens
     idx = idx.contiguous()
     grad_x = grad_kept.new_empty(bx, p + num_patches, d)
     wrap_triton(_mask_bwd_kernel)[lambda meta: (bx, triton.cdiv(p + num_patches, meta["BLOCK_T"]))](
-        *backward_args(grad_kept, idx, grad_x, p, num_patches))
+        *backward_args(grad_kept, idx, grad_x, p, num_patches), VEC=vector_width(grad_kept))
     return grad_x
 
 

@@ -63,8 +63,8 @@ def _source(kernel, runtime: tuple, constexprs: dict) -> ASTSource:
     return ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
 
 
-def _mask_variant(dtype, block, boxes, coarse=False, fused=False, prior=False, width=64):
-    bs, views, p, hg = 2, 2 if boxes else 1, 1, 8
+def _mask_variant(dtype, block, boxes, coarse=False, fused=False, prior=False, width=64, hg=8):
+    bs, views, p = 2, 2 if boxes else 1, 1
     x = torch.zeros(bs * views, p + hg * hg, width, dtype=dtype)
     scores = q = k = pr = bx = None
     hs = hg // 2 + 1 if coarse else hg
@@ -80,7 +80,7 @@ def _mask_variant(dtype, block, boxes, coarse=False, fused=False, prior=False, w
                                                   hg * hg // (2 * block * block), 0.25)
     constexprs["RN"] = True
     name = (f"{str(dtype)[6:]}-b{block}{'-boxes' if boxes else ''}{'-coarse' if coarse else ''}"
-            f"{'-qk' if fused else ''}{'-prior' if prior else ''}{'' if width == 64 else f'-d{width}'}")
+            f"{'-qk' if fused else ''}{'-prior' if prior else ''}{'' if width == 64 else f'-d{width}'}{'' if hg == 8 else f'-g{hg}'}")
     return name, runtime, constexprs
 
 
@@ -108,7 +108,7 @@ def variants() -> Iterator[Tuple[str, object, str, tuple, dict, bool]]:
         grad = torch.zeros(4, 1 + 1000, 64, dtype=dtype)
         idx = torch.zeros(4, 1000, dtype=torch.int64)
         yield ("attentive_mask_bwd", am._mask_bwd_kernel, str(dtype)[6:], am.backward_args(grad, idx, grad, 1, 1000),
-               {}, dtype == torch.bfloat16)
+               {"VEC": am.vector_width(grad)}, dtype == torch.bfloat16)
     for dtype, prior, all_configs in CLS_VARIANTS:
         q = torch.zeros(2, 4, 16, dtype=dtype)
         k = torch.zeros(2, 4, 17, 16, dtype=dtype)
@@ -184,13 +184,15 @@ def main(argv=None) -> int:
     parser.add_argument("--facts", action="store_true",
                         help="write the compile-facts table (sm_80, sm_90, gfx942) instead")
     parser.add_argument("--out", default=None, help="with --facts: the markdown file (JSON next to it)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="KERNEL/VARIANT",
+                        help="with --facts: only these variants (e.g. attentive_mask_fwd/float32-b1)")
     args = parser.parse_args(argv)
     if INTERPRET:
         print("TRITON_INTERPRET=1 is set; unset it to compile", file=sys.stderr)
         return 2
     if args.facts:
         from .compile_facts import main as facts_main
-        return facts_main(args.out)
+        return facts_main(args.out, args.only)
     if args.mutation_analysis:
         for record in mutation_analysis(args.cc[-1]):
             print(json.dumps(record), flush=True)

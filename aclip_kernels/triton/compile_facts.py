@@ -32,11 +32,13 @@ TARGETS = {"sm_80": GPUTarget("cuda", 80, 32), "sm_90": GPUTarget("cuda", 90, 32
            "gfx942": GPUTarget("hip", "gfx942", 64)}
 SOURCE = "attentive_mask.py"
 
-# Extra widths next to compile_check's variants (D = 64): D*itemsize 400 (a multiple of 16, not of 64
-# elements), 200 (a multiple of 8 only) and ViT-B's 768 in bf16.
+# Next to compile_check's variants (8x8 grid, D = 64): D*itemsize 400 (a multiple of 16, not of 16
+# elements) and 200 (a multiple of 8 only), and ViT-B/16's 14x14 grid with D = 768 in bf16.
 EXTRA_MASK_VARIANTS = [(torch.float32, dict(block=1, boxes=False, width=100)),
                        (torch.bfloat16, dict(block=1, boxes=False, width=100)),
-                       (torch.bfloat16, dict(block=2, boxes=True, width=768))]
+                       (torch.bfloat16, dict(block=1, boxes=False, width=768, hg=14)),
+                       (torch.bfloat16, dict(block=2, boxes=True, width=768, hg=14)),
+                       (torch.bfloat16, dict(block=2, boxes=True, fused=True, width=768, hg=14))]
 
 
 def _regions() -> Dict[str, set]:
