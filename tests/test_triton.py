@@ -384,6 +384,10 @@ def test_near_ties_are_checked_within_the_score_tolerance():
         assert_mask_matches_reference(*attentive_mask_ref(**dict(inputs, scores=swapped)), inputs, tol)
     with pytest.raises(AssertionError):  # rows gathered for another idx
         assert_mask_matches_reference(attentive_mask_ref(**inputs)[0], idx, inputs, tol)
+    # The tolerant check on fused q/k scores with blocks, boxes and two views accepts the reference.
+    fused = make_mask_inputs(next(c for c in mask_cases(quick=True) if c.id == "fused-qk"))
+    assert score_tolerance(fused) is not None
+    assert_mask_matches_reference(*attentive_mask_ref(**fused), fused, score_tolerance(fused))
 
 
 def test_direct_op_calls_are_checked_after_the_public_path():

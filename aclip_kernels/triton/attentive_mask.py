@@ -20,6 +20,26 @@ Launch: the grid, scalars and constexprs of a forward launch are cached per (sha
 (``_forward_plan``); the public path checks its arguments once (``call_checked``), a direct call of
 the registered op is checked by the op. All offsets are int64 products.
 
+Selection, decided from the compile facts (benchmarks/results/compile_facts.md): the bitwise
+search stays. Its loop body holds 8 barriers (sm_80/sm_90, static count; 32 runtime steps).
+Rank by counting for <= 64 padded units (a unit is kept when fewer than n units beat it: one
+[U, U] key comparison and one reduction, 5 barriers once, int32 keys, padding masked) was built
+and compiled: at A-CLIP's ViT-B/16 variant (bf16, b=2, boxes, D=768) it took 255 registers with
+40-88 bytes of spills on sm_80/sm_90 and 205 spilled VGPRs on gfx942 (first config, 4 warps), where
+the search takes 96 registers and no spills; at float32 b=1 8x8 it fit on CUDA (168 registers) but
+spilled on gfx942. Triton gives no shared-memory scratch to stream the [U, U] comparison in
+chunks, so it was left out. The other way, written down for later: two kernels, a tiny selection
+kernel (one program per row, idx only) and an xFormers-style 2-D gather over (index tiles x D
+tiles), which overlaps the copy of one row with the selection of others and lets the copy keep
+several tiles in flight (here a store to ``kept`` may alias the next load from ``x``).
+
+Fused scoring, future work (issue #14 item 3, not built): score all heads per key tile in the
+style of flash-decoding: load [BLOCK_T, H*Dh] (contiguous per token in timm's qkv layout), keep
+the [H, BLOCK_T] logits on chip with an online max and sum per head, and split over (image, head
+group) programs when the images are too few to fill the GPU, then one selection per image. Today
+each program runs its image's heads one after another, with a logits round trip through global
+memory and 2 barriers per head.
+
 Autotuning: keyed on what changes the best config, not on (N, D) alone: the row count bucketed to
 a power of two (``rows_bucket``: a small eval batch and B=512 fill the GPU differently), fused q/k
 or not (the fused program runs a whole image's scoring before its copies), the block size and
@@ -310,9 +330,12 @@ def forward_launch(x: Tensor, scores: Optional[Tensor], q: Optional[Tensor], k: 
         bs, heads, dh = scores.shape[0], 1, 1
         logits = scores
         q_strides, k_strides = (0, 0, 0), (0, 0, 0, 0)
-    programs, scalars, rows_bucket, constexprs = _forward_plan(
-        bx, d, p, tuple(score_grid), tuple(grid), block, num_units, bs, fused, dh, prior is not None,
-        boxes is not None, use_rn(x.device), vector_width(x))
+    key = (bx, d, p, tuple(score_grid), tuple(grid), block, num_units, bs, fused, dh, prior is not None,
+           boxes is not None, use_rn(x.device), vector_width(x))
+    try:
+        programs, scalars, rows_bucket, constexprs = _forward_plan(*key)
+    except TypeError:  # symbolic sizes while torch.compile traces: unhashable, nothing to cache
+        programs, scalars, rows_bucket, constexprs = _forward_plan.__wrapped__(*key)
     runtime = (x, kept, idx, scores, dummy(x, boxes), dummy(x, q), dummy(x, k), dummy(x, prior), logits,
                *scalars, *x.stride(), *scores.stride(), *q_strides, *k_strides,
                *((0, 0) if prior is None else prior.stride()), heads, dh, float(scale), rows_bucket)

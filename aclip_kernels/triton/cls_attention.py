@@ -38,18 +38,21 @@ def cls_attention_row(q_row, k_row, prior_row, out_row, logit_row, H, T, P, Dh,
     n_patches = T - P
     offs_d = tl.arange(0, BLOCK_DH)
     dmask = offs_d < Dh
-    d_q = offs_d.to(tl.int64) * sq2  # every stride product in int64 (a packed qkv passes 2**31)
-    d_k = offs_d.to(tl.int64)[None, :] * sk3
+    # Every stride product in int64 (a sequence-first packed qkv passes 2**31 elements); the key
+    # tile's pointers advance by BLOCK_T tokens per step.
+    tile = tl.arange(0, BLOCK_T).to(tl.int64)[:, None] * sk2 + offs_d.to(tl.int64)[None, :] * sk3
+    step = tl.full((), BLOCK_T, tl.int64) * sk2
     for h in range(H):
-        h64 = tl.full((), 0, tl.int64) + h
-        qh = tl.load(q_row + h64 * sq1 + d_q, mask=dmask, other=0.0).to(acc_ty)
+        q_head = q_row + (tl.full((), 0, tl.int64) + h) * sq1
+        k_ptrs = k_row + (tl.full((), 0, tl.int64) + h) * sk1 + tile
+        qh = tl.load(q_head + offs_d.to(tl.int64) * sq2, mask=dmask, other=0.0).to(acc_ty)
         top = tl.full((), float("-inf"), acc_ty)
         total = tl.full((), 0.0, acc_ty)
         for t0 in range(0, T, BLOCK_T):
             offs_t = t0 + tl.arange(0, BLOCK_T)
             tmask = offs_t < T
-            kt = tl.load(k_row + h64 * sk1 + offs_t.to(tl.int64)[:, None] * sk2 + d_k,
-                         mask=tmask[:, None] & dmask[None, :], other=0.0).to(acc_ty)
+            kt = tl.load(k_ptrs, mask=tmask[:, None] & dmask[None, :], other=0.0).to(acc_ty)
+            k_ptrs += step
             logit = tl.sum(kt * qh[None, :], axis=1) * scale
             logit = tl.where(tmask, logit, float("-inf"))
             tl.store(logit_row + offs_t, logit, mask=tmask)

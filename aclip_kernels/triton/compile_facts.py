@@ -172,8 +172,10 @@ def facts(subset: Optional[List[str]] = None) -> Iterator[dict]:
             hip = target.backend == "hip"
             record = dict(kernel=kernel_name, variant=variant, target=target_name, config=str(config.kwargs),
                           num_warps=config.num_warps, row_bytes=row_bytes(kernel_name, runtime))
-            compiled = triton.compile(cc._source(kernel, runtime, consts), target=target,
-                                      options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+            options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+            if hip and "RN" in consts:  # ROCm: plain operators without FMA contraction (``launch_options``)
+                consts, options = dict(consts, RN=False), dict(options, enable_fp_fusion=False)
+            compiled = triton.compile(cc._source(kernel, runtime, consts), target=target, options=options)
             asm = compiled.asm["amdgcn" if hip else "ptx"]
             regs, spills = _amd_usage(asm) if hip else _ptxas_usage(asm, target.arch)
             regions = attribute(asm, hip)
@@ -182,6 +184,53 @@ def facts(subset: Optional[List[str]] = None) -> Iterator[dict]:
                           selection_barriers=regions["selection"]["barriers"],
                           barriers=len(_BARRIER.findall(asm)))
             yield record
+
+
+_CSRC = Path(__file__).resolve().parents[2] / "csrc" / "cuda"
+_TYPES = {"h": "u8", "t": "u16", "j": "u32", "f": "float", "d": "double"}
+
+
+def _nvcc() -> Optional[Path]:
+    import os
+    nvcc = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc"
+    return nvcc if nvcc.exists() else None
+
+
+def cuda_facts(archs=(80, 90)) -> List[dict]:
+    """Registers, spills and barriers of each CUDA kernel of csrc/cuda (``nvcc -Xptxas -v``), or []
+    where nvcc or the sources (a source checkout) are missing."""
+    nvcc = _nvcc()
+    if nvcc is None or not _CSRC.is_dir():
+        return []
+    from torch.utils.cpp_extension import include_paths
+    records = []
+    for source in sorted(_CSRC.glob("*.cu")):
+        for arch in archs:
+            with tempfile.TemporaryDirectory() as tmp:
+                proc = subprocess.run([str(nvcc), "-c", "-std=c++17", f"-arch=sm_{arch}", "-Xptxas", "-v",
+                                       *(f"-I{p}" for p in include_paths()), str(source), "-o", f"{tmp}/k.o"],
+                                      capture_output=True, text=True, check=True)
+            for block in proc.stderr.split("Compiling entry function")[1:]:
+                mangled = re.match(r"\s*'(\S+)'", block).group(1)
+                m = re.search(r"(\w+?_kernel)I(\d*)(\w+?)E", mangled)
+                name = f"{m.group(1)}<{_TYPES.get(m.group(3), m.group(3))}>" if m else mangled
+                regs = re.search(r"Used (\d+) registers", block)
+                barriers = re.search(r"used (\d+) barriers", block)
+                records.append(dict(source=source.name, kernel=name, target=f"sm_{arch}",
+                                    registers=int(regs.group(1)) if regs else 0,
+                                    spills=sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", block)),
+                                    barriers=int(barriers.group(1)) if barriers else 0))
+    return records
+
+
+def cuda_markdown(records: List[dict]) -> str:
+    lines = ["", "## CUDA kernels of csrc/cuda (`nvcc -Xptxas -v`)", "",
+             "The template argument is the copy unit (u16 = 2 bytes ... uint4 = 16 bytes). Spills: bytes of "
+             "spill stores + loads. Barriers: named barriers the kernel uses.", "",
+             "| source | kernel | target | registers | spills | barriers |", "|---|---|---|---:|---:|---:|"]
+    lines += [f"| {r['source']} | {r['kernel']} | {r['target']} | {r['registers']} | {r['spills']} | {r['barriers']} |"
+              for r in records]
+    return "\n".join(lines) + "\n"
 
 
 def problems(records: List[dict]) -> List[str]:
@@ -224,10 +273,13 @@ def main(out: Optional[str] = None, subset: Optional[List[str]] = None) -> int:
     for record in facts(subset):
         print(json.dumps(record), flush=True)
         records.append(record)
-    text = markdown(records)
+    text, cuda = markdown(records), []
+    if subset is None:  # the full table: the CUDA kernels too (their spills are reported, not failed on)
+        cuda = cuda_facts()
+        text += cuda_markdown(cuda) if cuda else "\nCUDA kernels: nvcc or csrc/cuda not found, not compiled.\n"
     if out:
         Path(out).write_text(text)
-        Path(out).with_suffix(".json").write_text(json.dumps(records, indent=1) + "\n")
+        Path(out).with_suffix(".json").write_text(json.dumps(dict(triton=records, cuda=cuda), indent=1) + "\n")
     else:
         print(text)
     return 1 if problems(records) else 0
