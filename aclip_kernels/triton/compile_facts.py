@@ -187,7 +187,8 @@ def facts(subset: Optional[List[str]] = None) -> Iterator[dict]:
 
 
 _CSRC = Path(__file__).resolve().parents[2] / "csrc" / "cuda"
-_TYPES = {"h": "u8", "t": "u16", "j": "u32", "f": "float", "d": "double"}
+_TYPES = {"h": "u8", "t": "u16", "j": "u32", "5uint2": "uint2", "5uint4": "uint4", "ff": "float",
+          "dd": "double", "13__nv_bfloat16f": "bf16", "6__halff": "half"}
 
 
 def _nvcc() -> Optional[Path]:
@@ -212,8 +213,8 @@ def cuda_facts(archs=(80, 90)) -> List[dict]:
                                       capture_output=True, text=True, check=True)
             for block in proc.stderr.split("Compiling entry function")[1:]:
                 mangled = re.match(r"\s*'(\S+)'", block).group(1)
-                m = re.search(r"(\w+?_kernel)I(\d*)(\w+?)E", mangled)
-                name = f"{m.group(1)}<{_TYPES.get(m.group(3), m.group(3))}>" if m else mangled
+                m = re.search(r"\d+([a-z_]+kernel)I(\w+?)EEv", mangled)  # a length-prefixed name, then <args>
+                name = f"{m.group(1)}<{_TYPES.get(m.group(2), m.group(2))}>" if m else mangled
                 regs = re.search(r"Used (\d+) registers", block)
                 barriers = re.search(r"used (\d+) barriers", block)
                 records.append(dict(source=source.name, kernel=name, target=f"sm_{arch}",
