@@ -220,13 +220,20 @@ def masking(model: nn.Module, scores: Optional[Tensor] = None, boxes: Optional[T
 
 
 def patch_timm_vit(model: nn.Module) -> nn.Module:
-    """Replace ``model.patch_drop`` of a timm VisionTransformer with an AttentivePatchDropout
-    (same prob / prefix / ordering); in place, idempotent. Returns ``model``."""
+    """Replace ``model.patch_drop`` of a timm VisionTransformer or Eva (EVA-CLIP, EVA-02) with an
+    AttentivePatchDropout (same prob / prefix / ordering); in place, idempotent. Returns ``model``.
+    Eva gets the WithIndices flavour (its ``patch_drop`` may be None): Eva gathers its rope
+    embedding with the kept indices, so the kept tokens keep their rope positions."""
     if not _models.is_timm_vit(model):
-        raise TypeError(f"{type(model).__name__} is not a timm VisionTransformer (no .patch_drop)")
+        raise TypeError(f"{type(model).__name__} is not a timm VisionTransformer or Eva (no .patch_drop)")
     if not isinstance(model.patch_drop, AttentivePatchDropout):
-        model.patch_drop = AttentivePatchDropout.from_timm(
-            model.patch_drop, model.num_prefix_tokens, grid=tuple(model.patch_embed.grid_size))
+        grid = tuple(model.patch_embed.grid_size)
+        if _models.is_eva(model):
+            drop = model.patch_drop
+            model.patch_drop = AttentivePatchDropoutWithIndices(
+                getattr(drop, "prob", 0.0), model.num_prefix_tokens, getattr(drop, "ordered", False), grid=grid)
+        else:
+            model.patch_drop = AttentivePatchDropout.from_timm(model.patch_drop, model.num_prefix_tokens, grid=grid)
     return model
 
 
