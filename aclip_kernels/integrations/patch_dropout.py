@@ -234,6 +234,7 @@ def patch_timm_vit(model: nn.Module) -> nn.Module:
                 getattr(drop, "prob", 0.0), model.num_prefix_tokens, getattr(drop, "ordered", False), grid=grid)
         else:
             model.patch_drop = AttentivePatchDropout.from_timm(model.patch_drop, model.num_prefix_tokens, grid=grid)
+        model.patch_drop.train(model.training)          # a model patched in eval mode stays in eval mode
     return model
 
 
@@ -245,4 +246,5 @@ def patch_open_clip(model: nn.Module) -> nn.Module:
         raise TypeError(f"{type(model).__name__} is not an open_clip VisionTransformer or CLIP model")
     if not isinstance(tower.patch_dropout, AttentivePatchDropout):
         tower.patch_dropout = AttentivePatchDropout.from_open_clip(tower.patch_dropout, grid=tuple(tower.grid_size))
+        tower.patch_dropout.train(tower.training)
     return model
