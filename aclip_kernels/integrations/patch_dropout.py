@@ -206,7 +206,7 @@ def masking(model: nn.Module, scores: Optional[Tensor] = None, boxes: Optional[T
     modules = _patched_modules(model)
     if not modules:
         raise ValueError(f"{type(model).__name__} has no AttentivePatchDropout; patch it first with "
-                         "patch_timm_vit(model) or patch_open_clip(model)")
+                         "patch_timm_vit(model), patch_open_clip(model) or patch_hf_clip(model)")
     state = MaskingState(mode=mode, keep=keep, block=block, scores=scores, boxes=boxes,
                          grid=None if grid is None else (int(grid[0]), int(grid[1])), generator=generator)
     previous = [m._masking for m in modules]
@@ -240,8 +240,12 @@ def patch_timm_vit(model: nn.Module) -> nn.Module:
 
 def patch_open_clip(model: nn.Module) -> nn.Module:
     """Replace the ``patch_dropout`` of an open_clip VisionTransformer (or of a CLIP model's
-    ``.visual``) with an AttentivePatchDropout (same prob); in place, idempotent. Returns ``model``."""
+    ``.visual``) with an AttentivePatchDropout (same prob); in place, idempotent. Returns ``model``.
+    A CLIP model with a timm tower (``.visual.trunk``, e.g. SigLIP) gets ``patch_timm_vit(trunk)``."""
     tower, kind = _models.vision_tower(model)
+    if kind == _models.TIMM and tower is not model:
+        patch_timm_vit(tower)
+        return model
     if kind != _models.OPEN_CLIP:
         raise TypeError(f"{type(model).__name__} is not an open_clip VisionTransformer or CLIP model")
     if not isinstance(tower.patch_dropout, AttentivePatchDropout):

@@ -236,10 +236,10 @@ class EMAScorer:
         self.attentions = [_models.attention_of(blk, self.kind, i) for i, blk in enumerate(all_blocks)]
         self.probe = _models.probe_of(self.tower, self.kind)
         self.source = self._resolve_source(source)
-        self.kernel = attention_kernel(attn)
-        if self.kernel is not None and (self.kind == HF or self._attention_type() == "EvaAttention"):
+        if attn != "sdpa" and (self.kind == HF or self._attention_type() == "EvaAttention"):
             raise ValueError(f"attn={attn!r} runs timm Attention / open_clip attention only; "
                              f"{type(self.tower).__name__} scores with attn='sdpa' (its own attention)")
+        self.kernel = attention_kernel(attn)
         self.attn = attn
         if resolution is not None and downsample is not None:
             raise ValueError("give resolution or downsample, not both")
