@@ -1,8 +1,8 @@
 """transformers CLIP / SigLIP / SigLIP2 drop-in (tiny random models built from configs, fp32, CPU):
 patched == unpatched outside masking and in eval mode (bit for bit); the masked forward's encoder sees
 exactly the prefix + the gathered embeddings at the kept indices (P + n*b*b tokens); EMAScorer parity
-with the library's eager attention weights ([CLS] rows for CLIP, the SigLIP head's probe) at 1e-5, and
-the [CLS]-free mean-query rule against the projections of each layer's input."""
+with the library's eager attention weights at 1e-5: [CLS] rows for CLIP, the SigLIP head's probe, and
+the [CLS]-free mean-query rule (the renormalised geometric mean of each eager map's rows)."""
 import copy
 
 import pytest
@@ -10,7 +10,7 @@ import torch
 
 from aclip_kernels import EMAScorer, make_ema, masking, patch_hf_clip
 from aclip_kernels.integrations.hf import ATTRIBUTE, siglip2_inputs
-from aclip_kernels.reference import cls_attention_ref
+from aclip_kernels.reference import mean_query_attention_ref
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install .[hf])")
 
@@ -23,7 +23,7 @@ CLASSES = ["CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPModel", "Sig
            "Siglip2VisionModel", "Siglip2Model"]
 
 
-def _build(name: str):
+def _build(name: str, sharpen: float = 4.0):
     family = "Siglip2" if name.startswith("Siglip2") else "Siglip" if name.startswith("Siglip") else "CLIP"
     extra = {"num_patches": GRID * GRID} if family == "Siglip2" else {"image_size": SIZE}
     vision = getattr(transformers, f"{family}VisionConfig")(**VISION, **extra)
@@ -36,8 +36,8 @@ def _build(name: str):
     model = getattr(transformers, name)(config).eval()
     with torch.no_grad():                                # sharper-than-random attention
         for layer in _tower(model).encoder.layers:
-            layer.self_attn.q_proj.weight.mul_(4.0)
-            layer.self_attn.k_proj.weight.mul_(4.0)
+            layer.self_attn.q_proj.weight.mul_(sharpen)
+            layer.self_attn.k_proj.weight.mul_(sharpen)
     return model
 
 
@@ -140,22 +140,6 @@ def _probe_weights(tower, inputs):
     return got[0]
 
 
-def _mean_query_reference(tower, inputs, layers):
-    """Per layer: softmax(mean_t(q_t) . k * scale) over the layer's own q_proj / k_proj of its
-    normalised input (from output_hidden_states), mean over heads, then over layers."""
-    states = tower(**inputs, output_hidden_states=True).hidden_states
-    rows = []
-    for i in layers:
-        layer = tower.encoder.layers[i]
-        attn = layer.self_attn
-        h = layer.layer_norm1(states[i])
-        b, t, _ = h.shape
-        q = attn.q_proj(h).view(b, t, attn.num_heads, attn.head_dim).mean(1)
-        k = attn.k_proj(h).view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)
-        rows.append(cls_attention_ref(q, k, 0, attn.scale))
-    return torch.stack(rows).mean(0)
-
-
 @pytest.mark.parametrize("name", ["SiglipVisionModel", "SiglipModel", "Siglip2VisionModel", "Siglip2Model"])
 def test_siglip_scorer_matches_the_probe_and_the_mean_query_rule(name):
     model = patch_hf_clip(_build(name))
@@ -167,9 +151,15 @@ def test_siglip_scorer_matches_the_probe_and_the_mean_query_rule(name):
     probe = scorer(images)
     weights = _probe_weights(_tower(_eager(model)), inputs)
     torch.testing.assert_close(probe, weights[:, :, 0].mean(1), atol=ATOL, rtol=0)
+    # the rule from the eager maps needs log(attn) finite: HF's eager softmax runs in fp32, so the
+    # sharpened model's maps underflow to 0; the unsharpened one's do not
+    soft = patch_hf_clip(_build(name, sharpen=1.0))
     with torch.no_grad():
-        rule = _mean_query_reference(tower, inputs, [0, 1])
-    torch.testing.assert_close(EMAScorer(model, source="mean-query")(images), rule, atol=ATOL, rtol=0)
+        maps = _tower(_eager(soft))(**inputs, output_attentions=True).attentions
+    assert min(float(a.min()) for a in maps) > 0
+    rule = torch.stack([mean_query_attention_ref(a) for a in maps]).mean(0)
+    torch.testing.assert_close(EMAScorer(soft, source="mean-query")(images), rule, atol=ATOL, rtol=0)
+    rule = EMAScorer(model, source="mean-query")(images)
     torch.testing.assert_close(EMAScorer(model, source="probe+mean-query")(images), (probe + rule) / 2,
                                atol=ATOL, rtol=0)
     with pytest.raises(ValueError, match="no \\[CLS\\] token"):
