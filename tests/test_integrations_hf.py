@@ -4,6 +4,10 @@ exactly the prefix + the gathered embeddings at the kept indices (P + n*b*b toke
 with the library's eager attention weights at 1e-5: [CLS] rows for CLIP, the SigLIP head's probe, and
 the [CLS]-free mean-query rule (the renormalised geometric mean of each eager map's rows)."""
 import copy
+import math
+import pathlib
+import re
+import runpy
 
 import pytest
 import torch
@@ -216,3 +220,13 @@ def test_bad_models_and_attention_backends_are_refused():
         patch_hf_clip(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="attn='sdpa'"):
         EMAScorer(_build("CLIPVisionModel"), attn="xformers")
+
+
+@pytest.mark.parametrize("script, tokens", [("hf_clip_aclip.py", 101), ("hf_siglip_aclip.py", 100)])
+def test_examples_run_one_aclip_step(script, tokens, capsys):
+    """examples/hf_*_aclip.py: one step (offline, random weights); the masked views' token count."""
+    pytest.importorskip("tokenizers")
+    runpy.run_path(str(pathlib.Path(__file__).parents[1] / "examples" / script), run_name="__main__")
+    out = capsys.readouterr().out
+    loss = float(re.search(r"loss (\S+),", out)[1])
+    assert math.isfinite(loss) and f"tokens per view {tokens} " in out and "scores (2, 196) on grid (14, 14)" in out
