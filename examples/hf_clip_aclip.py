@@ -11,6 +11,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerFast
 
 import aclip_kernels as ak
+from aclip_kernels.testing import crop_views, random_boxes
 
 torch.manual_seed(0)
 captions = ["a photo of a cat", "a diagram of a dog"]
@@ -18,7 +19,8 @@ words = ["<pad>", "<unk>", "<bos>", "<eos>"] + sorted({w for c in captions for w
 vocab = {w: i for i, w in enumerate(words)}
 core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
 core.pre_tokenizer = pre_tokenizers.Whitespace()
-core.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>", special_tokens=[("<bos>", 2), ("<eos>", 3)])
+core.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>",
+                                                    special_tokens=[("<bos>", 2), ("<eos>", 3)])
 tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>")
 processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
 config = CLIPConfig(
@@ -34,11 +36,8 @@ opt = torch.optim.AdamW(model.parameters(), lr=5e-4, betas=(0.9, 0.98), weight_d
 batch, views = 2, 2
 raw = [np.random.randint(0, 256, (256, 320, 3), dtype=np.uint8) for _ in range(batch)]
 ema_images = processor(images=raw, return_tensors="pt")["pixel_values"]           # [2, 3, 224, 224]
-size = 0.5 + 0.5 * torch.rand(views * batch, 2)                                    # online views inside it
-boxes = torch.cat([(1 - size) * torch.rand(views * batch, 2), size], dim=1)       # (y0, x0, h, w), view-major
-online = torch.cat([F.interpolate(ema_images[i % batch, None, :, round(y * 224):round((y + h) * 224),
-                                             round(x * 224):round((x + w) * 224)], size=(224, 224), mode="bilinear")
-                    for i, (y, x, h, w) in enumerate(boxes.tolist())])
+boxes = random_boxes(views * batch, torch.Generator().manual_seed(0))          # (y0, x0, h, w) in the EMA crop
+online = crop_views(ema_images, boxes, 224)                                        # [4, 3, 224, 224]
 text = tokenizer(captions, padding=True, return_tensors="pt")
 
 ema_out, scores = scorer.forward_with_output(ema_images)      # scores [2, 196] on scorer.grid (14, 14)

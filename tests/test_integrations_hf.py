@@ -11,10 +11,12 @@ import runpy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from aclip_kernels import EMAScorer, make_ema, masking, patch_hf_clip
 from aclip_kernels.integrations.hf import ATTRIBUTE, siglip2_inputs
 from aclip_kernels.reference import mean_query_attention_ref
+from aclip_kernels.testing import crop_views
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install .[hf])")
 
@@ -230,3 +232,12 @@ def test_examples_run_one_aclip_step(script, tokens, capsys):
     out = capsys.readouterr().out
     loss = float(re.search(r"loss (\S+),", out)[1])
     assert math.isfinite(loss) and f"tokens per view {tokens} " in out and "scores (2, 196) on grid (14, 14)" in out
+
+
+def test_crop_views_crops_each_view_from_its_image():
+    images = torch.arange(2 * 8 * 8, dtype=torch.float32).view(2, 1, 8, 8)
+    boxes = torch.tensor([[0.25, 0.5, 0.5, 0.5], [0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]])
+    views = crop_views(images, boxes, 4)                              # rows 0, 2 crop image 0; row 1 image 1
+    assert torch.equal(views[0], images[0, :, 2:6, 4:8])              # same pixel size: an exact crop
+    torch.testing.assert_close(views[1], F.avg_pool2d(images[1], 2))  # 2x down: bilinear at the cell centres
+    torch.testing.assert_close(views[2], F.avg_pool2d(images[0], 2))
