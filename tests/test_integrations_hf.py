@@ -24,7 +24,7 @@ ATOL = 1e-5
 SIZE, PATCH, GRID = 64, 8, 8
 VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, patch_size=PATCH)
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, vocab_size=99,
-            max_position_embeddings=16)
+            max_position_embeddings=16, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 CLASSES = ["CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPModel", "SiglipVisionModel", "SiglipModel",
            "Siglip2VisionModel", "Siglip2Model"]
 
