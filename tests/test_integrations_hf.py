@@ -241,3 +241,19 @@ def test_crop_views_crops_each_view_from_its_image():
     assert torch.equal(views[0], images[0, :, 2:6, 4:8])              # same pixel size: an exact crop
     torch.testing.assert_close(views[1], F.avg_pool2d(images[1], 2))  # 2x down: bilinear at the cell centres
     torch.testing.assert_close(views[2], F.avg_pool2d(images[0], 2))
+
+
+@pytest.mark.parametrize("name", ["CLIPVisionModel", "Siglip2VisionModel"])
+def test_scorer_at_reduced_resolution_interpolates_the_position_embeddings(name):
+    model = _build(name)
+    images = torch.randn(2, 3, SIZE, SIZE)
+    scorer = EMAScorer(model, resolution=SIZE // 2)                   # the "efficient" A-CLIP EMA
+    scores = scorer(images)
+    assert scorer.grid == (GRID // 2, GRID // 2) and scores.shape == (2, GRID * GRID // 4)
+    small = F.interpolate(images, size=SIZE // 2, mode="bilinear", align_corners=False, antialias=True)
+    inputs = siglip2_inputs(small, PATCH) if "Siglip2" in name else {"pixel_values": small, "interpolate_pos_encoding": True}
+    if "CLIP" in name:
+        maps = _eager(model)(**inputs, output_attentions=True).attentions
+        torch.testing.assert_close(scores, torch.stack(maps).mean(0)[:, :, 0, 1:].mean(1), atol=ATOL, rtol=0)
+    else:
+        torch.testing.assert_close(scores, _probe_weights(_eager(model), inputs)[:, :, 0].mean(1), atol=ATOL, rtol=0)
