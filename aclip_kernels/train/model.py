@@ -12,6 +12,7 @@ and passed in.
 """
 from __future__ import annotations
 
+import contextlib
 import pathlib
 from typing import Dict, Optional
 
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..integrations import masking
 from . import losses
 
 __all__ = ["METHODS", "VIEWS", "MASKS", "LOSSES", "register_model_configs", "known_model", "build_clip", "MLPHead",
@@ -128,7 +130,6 @@ class TrainModel(nn.Module):
         [b, 3, S, S] (clip, flip, slip), "view1"/"view2" [b, 3, S, S] (slip, aclip*), "boxes"
         [2b, 4] view-major (aclip*). scores: [b, Ns] EMA patch scores; ema_target: [b, ssl_dim]
         EMA projector output (aclip*). Returns {"loss": scalar, and each term}."""
-        from aclip_kernels.integrations import masking
         clip, method = self.clip, self.method
         scale = clip.logit_scale.exp()
         text = self._text(batch["text"])
@@ -167,8 +168,6 @@ class TrainModel(nn.Module):
     def _variant_forward(self, batch, scores, ema_target, text, scale) -> Dict[str, Tensor]:
         """The ablation variants (``set_variant``): 1 or 2 views, attentive / random / no mask,
         full or CLIP-only loss. Random masking draws from torch's global generator."""
-        import contextlib
-        from aclip_kernels.integrations import masking
         clip, b, v = self.clip, batch["view1"].shape[0], self.views
         views = batch["view1"] if v == 1 else torch.cat([batch["view1"], batch["view2"]])
         if self.mask == "attentive":
