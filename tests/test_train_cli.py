@@ -112,7 +112,7 @@ def test_sigterm_while_loading_data_stops_cleanly(tmp_path):
 def test_every_field_has_a_flag_with_help_and_its_default_shown_once():
     actions = {a.dest: a for a in parser()._actions}
     for f in dataclasses.fields(TrainConfig):
-        if f.metadata["flag"] is None:
+        if f.metadata["flag"] is False:
             assert f.name not in actions
             continue
         a = actions[f.name]
@@ -122,7 +122,7 @@ def test_every_field_has_a_flag_with_help_and_its_default_shown_once():
             assert "(default: " in a.help, f.name
         if f.metadata["choices"]:
             assert tuple(a.choices) == tuple(f.metadata["choices"])
-    assert set(actions) - {"help"} == {f.name for f in dataclasses.fields(TrainConfig) if f.metadata["flag"] is not None}
+    assert set(actions) - {"help"} == {f.name for f in dataclasses.fields(TrainConfig) if f.metadata["flag"] is not False}
     assert parse_args([]) == TrainConfig()
 
 

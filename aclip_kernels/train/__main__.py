@@ -33,9 +33,9 @@ class _Parser(argparse.ArgumentParser):
 def _add_flag(p: argparse.ArgumentParser, f: dataclasses.Field) -> None:
     """The flag of one ``TrainConfig`` field, from its metadata (see ``config``)."""
     meta = f.metadata
-    flag = "--" + f.name.replace("_", "-") if meta["flag"] == "" else meta["flag"]
-    if flag is None:
+    if meta["flag"] is False:
         return
+    flag = meta["flag"] or "--" + f.name.replace("_", "-")
     text = meta["help"].replace("%", "%%")
     if f.type in (bool, "bool"):
         p.add_argument(flag, dest=f.name, action="store_false" if f.default else "store_true", help=text)

@@ -2,7 +2,7 @@
 command-line flag in the field's metadata (``__main__`` builds the parser from them).
 
 A field's flag is ``--`` + its name with ``-`` for ``_``; ``flag`` in the metadata overrides it, and
-``flag=None`` means the field has no flag. ``default_text`` replaces the default in the help when
+``flag=False`` means the field has no flag. ``default_text`` replaces the default in the help when
 the default is ``None`` (computed at run time). Boolean fields are switches: their flag sets the
 opposite of the default.
 """
@@ -70,7 +70,7 @@ BETA = _checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
 def option(default, help: str, *, type: Optional[Callable[[str], Any]] = None,
-           choices: Optional[Sequence[str]] = None, default_text: Optional[str] = None, flag: Any = ""):
+           choices: Optional[Sequence[str]] = None, default_text: Optional[str] = None, flag: Any = None):
     """A ``TrainConfig`` field and its flag (see the module docstring)."""
     return field(default=default, metadata=dict(help=help, type=type, choices=choices,
                                                  default_text=default_text, flag=flag))
@@ -129,7 +129,7 @@ class TrainConfig:
     evaluate: bool = option(True, "skip the evaluation at the end", flag="--no-eval")
     save_masks: bool = option(False, "write OUTPUT_DIR/masks.png (the masks of a few images)")
     progress: bool = option(True, "no progress bar", flag="--no-progress")
-    quiet: bool = option(False, "no start-up messages on stderr", flag=None)
+    quiet: bool = option(False, "no start-up messages on stderr", flag=False)
 
 
 # a resumed run must match the checkpoint in these

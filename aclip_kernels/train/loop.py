@@ -19,6 +19,7 @@ to the step the run starts from.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -254,17 +255,9 @@ def train_loader(run: _Run):
 def progress_bar(run: _Run):
     """A tqdm bar on rank 0 with --progress (closed on leaving the ``with``), else a context of None."""
     if not (run.cfg.progress and run.dist.rank == 0):
-        return _NoBar()
+        return contextlib.nullcontext()
     return tqdm(total=run.cfg.steps, initial=run.step, desc=run.cfg.method, dynamic_ncols=True,
                 file=sys.stderr, mininterval=1.0)
-
-
-class _NoBar:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def forward_backward(run: _Run, net: torch.nn.Module, batches) -> Dict[str, float]:
