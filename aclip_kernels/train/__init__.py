@@ -14,8 +14,8 @@ from ._requirements import check_requirements
 
 check_requirements()
 
-from .errors import NonFiniteLoss, Stopped, UserError  # noqa: E402
 from .config import TrainConfig  # noqa: E402
+from .errors import NonFiniteLoss, Stopped, UserError  # noqa: E402
 from .loop import CHECKPOINT, train  # noqa: E402
 
 __all__ = ["TrainConfig", "train", "NonFiniteLoss", "UserError", "Stopped", "CHECKPOINT"]

@@ -13,9 +13,11 @@ and passed in.
 from __future__ import annotations
 
 import contextlib
+import logging
 import pathlib
 from typing import Dict, Optional
 
+import open_clip
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -36,22 +38,18 @@ def register_model_configs() -> None:
     """Add ``model_configs/*.json`` to open_clip's model registry (idempotent)."""
     global _registered
     if not _registered:
-        import open_clip
         open_clip.add_model_config(CONFIG_DIR)
         _registered = True
 
 
 def known_model(name: str) -> bool:
     """Whether ``build_clip`` has a config for ``name`` (hub and local-dir references are trusted)."""
-    import open_clip
     register_model_configs()
     return name.startswith(("hf-hub:", "local-dir:")) or name in open_clip.list_models()
 
 
 def build_clip(name: str, image_size: Optional[int] = None):
     """(open_clip model, tokenizer) with random weights. image_size overrides the config's."""
-    import logging
-    import open_clip
     register_model_configs()
     level = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)  # "No pretrained weights loaded" is intended
