@@ -1,7 +1,7 @@
 """aclip_kernels: fused kernels for A-CLIP's attentive token masking.
 
-Public ops: ``cls_attention``, ``attentive_mask``, ``random_mask`` (see DESIGN.md for semantics;
-``aclip_kernels.reference`` is their pure-PyTorch definition).
+Public ops: ``cls_attention``, ``attentive_mask``, ``random_mask`` (semantics: docs/design.md,
+sections 3-5; ``aclip_kernels.reference`` is their pure-PyTorch definition).
 """
 from . import reference
 from ._library import compiled_backends

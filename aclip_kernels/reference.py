@@ -1,9 +1,9 @@
 """Pure-PyTorch reference of every op: the definition of the semantics.
 
 Every kernel (C++, CUDA, Triton) is tested against these functions. They are written to be read,
-not to be fast; each step is one of the numbered steps of ``attentive_mask`` in DESIGN.md, and the
-floating-point order of every step that feeds the selection (alignment, block pooling) is spelled
-out, because kernels must reproduce it bit for bit to select the same patches.
+not to be fast; each step is one of the numbered steps of ``attentive_mask`` in docs/design.md,
+section 4, and the floating-point order of every step that feeds the selection (alignment, block
+pooling) is spelled out, because kernels must reproduce it bit for bit to select the same patches.
 
 Shapes: B batch, P prefix tokens, N patch tokens, D width, H heads, Dh head dim, T = P + N,
 V views per image (x rows are view-major: row ``v * Bs + i`` is view ``v`` of image ``i``),
