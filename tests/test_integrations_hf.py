@@ -257,3 +257,17 @@ def test_scorer_at_reduced_resolution_interpolates_the_position_embeddings(name)
         torch.testing.assert_close(scores, torch.stack(maps).mean(0)[:, :, 0, 1:].mean(1), atol=ATOL, rtol=0)
     else:
         torch.testing.assert_close(scores, _probe_weights(_eager(model), inputs)[:, :, 0].mean(1), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["CLIPVisionModel", "SiglipVisionModel", "Siglip2VisionModel"])
+def test_masked_forward_trains(name):
+    model = patch_hf_clip(_build(name)).train()
+    ema = make_ema(model)
+    images, boxes = torch.randn(4, 3, SIZE, SIZE), torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.25, 0.25, 0.5, 0.5]] * 2)
+    scores = EMAScorer(ema)(images[:2])
+    with masking(model, scores=scores, boxes=boxes, keep=0.5, block=2) as state:
+        pooled = model(**_inputs(model, images)).pooler_output
+    pooled.square().mean().backward()
+    grad = model.embeddings.patch_embedding.weight.grad
+    assert state.tokens == model.aclip_patch_dropout.num_prefix_tokens + 32
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0

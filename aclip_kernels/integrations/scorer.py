@@ -33,6 +33,7 @@ from ..ops import cls_attention
 from . import _models
 from ._models import HF, TIMM
 from .attention import attention_kernel, fast_attention
+from .hf import siglip2_inputs
 
 __all__ = ["EMAScorer"]
 
@@ -52,9 +53,6 @@ class _Accumulator:
         cls_attention(q, k, num_prefix_tokens=self.prefix, scale=scale, out=self.scores,
                       backend=self.backend)
         self.layers += 1
-
-
-QUERY_RULES = ("cls", "mean")
 
 
 def _query_row(q: Tensor, rule: str, norm: Optional[nn.Module] = None) -> Tensor:
@@ -86,7 +84,7 @@ def _eva_pre_hook(attn: nn.Module, acc: _Accumulator, rule: str = "cls"):
     """timm EvaAttention: its qkv projection adds the bias outside the Linear (so no Linear hook
     sees q and k) and rotates q / k of the patches by the block's rope. The pre-hook recomputes
     the scoring query row and the keys from the block's input: one [T, D] x [D, D] GEMM per layer."""
-    from timm.layers import apply_rot_embed_cat
+    from timm.layers import apply_rot_embed_cat             # timm is optional; an Eva model means it is here
     heads, dh = attn.num_heads, attn.head_dim
     d = heads * dh
 
@@ -330,7 +328,6 @@ class EMAScorer:
         if self.kind != HF:
             return self.model(images)
         if self.tower.config.model_type == "siglip2_vision_model":
-            from .hf import siglip2_inputs
             return self.model(**siglip2_inputs(images, self.patch[0]))
         return self.model(pixel_values=images,
                           interpolate_pos_encoding=grid != _models.native_grid(self.tower, self.kind))
