@@ -154,3 +154,9 @@ def test_open_clip_siglip_scores_with_the_timm_probe():
     with torch.no_grad():
         want = _latent_probe_reference(model.visual.trunk.attn_pool, pooled[0])
     torch.testing.assert_close(scores, want, atol=ATOL, rtol=0)
+
+
+def test_explicit_scores_run_on_eva(eva):
+    from aclip_kernels.integrations.explicit import explicit_attention_scores
+    images = torch.randn(2, 3, SIZE, SIZE)
+    torch.testing.assert_close(explicit_attention_scores(eva, images), EMAScorer(eva)(images), atol=ATOL, rtol=0)

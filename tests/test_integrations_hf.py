@@ -271,3 +271,9 @@ def test_masked_forward_trains(name):
     grad = model.embeddings.patch_embedding.weight.grad
     assert state.tokens == model.aclip_patch_dropout.num_prefix_tokens + 32
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_explicit_scores_point_transformers_users_to_eager_maps():
+    from aclip_kernels.integrations.explicit import explicit_attention_scores
+    with pytest.raises(TypeError, match="output_attentions=True"):
+        explicit_attention_scores(_build("CLIPVisionModel"), torch.randn(1, 3, SIZE, SIZE))
