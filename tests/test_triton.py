@@ -420,3 +420,14 @@ def test_autotune_keys_name_kernel_parameters():
         assert set(kernel.keys) <= set(kernel.fn.arg_names), (name, kernel.keys)
         assert "rows_bucket" in kernel.keys, name
     assert {"FUSED", "BLOCK"} <= set(kernels["fwd"].keys)
+
+
+def test_vector_width_of_row_copies():
+    """Elements per copy access: up to 16 bytes, dividing D, the row strides and the offset."""
+    from aclip_kernels.triton._common import vector_width
+    assert vector_width(torch.zeros(2, 5, 100)) == 4                          # 400-byte rows: 16 bytes
+    assert vector_width(torch.zeros(2, 5, 100, dtype=torch.bfloat16)) == 4    # 200-byte rows: 8 bytes
+    assert vector_width(torch.zeros(2, 5, 64, dtype=torch.bfloat16)) == 8
+    assert vector_width(torch.zeros(2, 5, 99)) == 1
+    assert vector_width(torch.zeros(2, 5, 72)[:, :, 2:66]) == 2               # offset 2 elements
+    assert vector_width(torch.zeros(2, 64, 5).transpose(1, 2)) == 1           # no unit last stride
