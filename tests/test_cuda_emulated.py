@@ -111,6 +111,17 @@ def test_cls_attention_adds_prior(ops):
                                rtol=rtol, atol=atol)
 
 
+def test_offsets_past_int32(ops, far_apart, far_apart_inputs):
+    """Every offset product must be int64: the images of x, k and grad_kept are 2**31 + 64 elements apart."""
+    inputs = far_apart_inputs
+    kept, idx = emulated_mask(ops, **inputs)
+    assert_mask_matches_reference(kept, idx, inputs)
+    q, k = inputs["q"], inputs["k"]
+    assert_cls_attention_close(ops.cls_attention(q, k, 1, 8 ** -0.5, None), q, k, 1)
+    grad_x = ops.attentive_mask_backward(far_apart(kept), idx, 1, 16)
+    torch.testing.assert_close(grad_x, scatter_tokens_ref(kept, idx, 1, 16), rtol=0, atol=0)
+
+
 @pytest.mark.skipif(ASAN, reason="this is the AddressSanitizer run")
 def test_no_memory_errors_under_asan(run_under_asan):
     """Every other test of this file with the emulated kernels built with -fsanitize=address."""
