@@ -1,12 +1,13 @@
 // attentive_mask on the CPU: per output row (view), align the image's scores to the view's box,
-// pool b x b blocks, select the top units with nth_element, expand them to ascending patch
-// positions and copy the prefix and kept rows; the backward writes each row of grad_x once.
+// pool b x b blocks, select the top units by their rank keys (counting on small grids,
+// nth_element on large ones), expand them to ascending patch positions and copy the prefix and
+// kept rows; the backward writes each row of grad_x once.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstring>
-#include <numeric>
+#include <functional>
 #include <vector>
 
 #include "../checks.h"
@@ -17,12 +18,24 @@ namespace aclip::cpu {
 namespace {
 
 // Copies one token row of `width` elements of `elsize` bytes; src elements `src_stride` apart.
+// Contiguous rows go through memcpy (a vectorised body and a tail for any width); strided rows
+// through a typed loop, so that no element costs a call.
+template <typename T>
+inline void copy_strided(char* dst, const char* src, int64_t width, int64_t src_stride) {
+  T* d = reinterpret_cast<T*>(dst);
+  for (int64_t i = 0; i < width; ++i) std::memcpy(d + i, src + i * src_stride * int64_t{sizeof(T)}, sizeof(T));
+}
+
 inline void copy_row(char* dst, const char* src, int64_t width, int64_t src_stride, int64_t elsize) {
-  if (src_stride == 1) {
+  if (src_stride == 1 || width == 1) {
     std::memcpy(dst, src, width * elsize);
     return;
   }
-  for (int64_t d = 0; d < width; ++d) std::memcpy(dst + d * elsize, src + d * src_stride * elsize, elsize);
+  switch (elsize) {
+    case 2: copy_strided<uint16_t>(dst, src, width, src_stride); break;
+    case 4: copy_strided<uint32_t>(dst, src, width, src_stride); break;
+    default: copy_strided<uint64_t>(dst, src, width, src_stride); break;
+  }
 }
 
 struct Geometry {
@@ -30,16 +43,29 @@ struct Geometry {
   bool resample;
 };
 
-// Scores of every unit of one row: align (if needed), then block means. `cells` is scratch [Hg*Wg].
-void unit_scores(const float* map, const float* box, const Geometry& g, float* cells, float* units) {
+// Per-row scratch, allocated once per thread.
+struct Scratch {
+  std::vector<float> cells, units;
+  std::vector<SampleCoord> cols;
+  std::vector<uint64_t> keys, sorted;
+  std::vector<char> unit_kept;
+  Scratch(const Geometry& g)
+      : cells(g.Hg * g.Wg), units(g.Hu * g.Wu), cols(g.Wg), keys(g.Hu * g.Wu), sorted(g.Hu * g.Wu),
+        unit_kept(g.Hu * g.Wu) {}
+};
+
+// Scores of every unit of one row: align (if needed), then block means, into s.units.
+void unit_scores(const float* map, const float* box, const Geometry& g, Scratch& s) {
   const int64_t N = g.Hg * g.Wg;
+  float* cells = s.cells.data();
+  float* units = s.units.data();
   if (g.resample) {
     const float y0 = box ? box[0] : 0.f, x0 = box ? box[1] : 0.f;
     const float h = box ? box[2] : 1.f, w = box ? box[3] : 1.f;
+    for (int64_t c = 0; c < g.Wg; ++c) s.cols[c] = sample_coord(x0, w, c, g.Wg, g.Ws);
     for (int64_t r = 0; r < g.Hg; ++r) {
       const SampleCoord ys = sample_coord(y0, h, r, g.Hg, g.Hs);
-      for (int64_t c = 0; c < g.Wg; ++c)
-        cells[r * g.Wg + c] = bilinear(map, g.Ws, ys, sample_coord(x0, w, c, g.Wg, g.Ws));
+      for (int64_t c = 0; c < g.Wg; ++c) cells[r * g.Wg + c] = bilinear(map, g.Ws, ys, s.cols[c]);
     }
   } else {
     std::copy(map, map + N, cells);
@@ -61,6 +87,33 @@ void unit_scores(const float* map, const float* box, const Geometry& g, float* c
     }
 }
 
+// Units up to which the selection counts, per unit, the keys above its own (U*U branch-free
+// comparisons, cheaper than nth_element's data-dependent branches for a ViT-B grid of 2x2 units).
+constexpr int64_t kCountedUnits = 128;
+
+// s.unit_kept[u] = unit u is among the `n` best of s.units (by rank_key: no ties, NaN last).
+void select_units(int64_t U, int64_t n, Scratch& s) {
+  uint64_t* keys = s.keys.data();
+  for (int64_t u = 0; u < U; ++u) keys[u] = rank_key(s.units[u], static_cast<int>(u));
+  if (n >= U) {
+    std::fill(s.unit_kept.begin(), s.unit_kept.begin() + U, 1);
+    return;
+  }
+  if (U <= kCountedUnits) {
+    for (int64_t u = 0; u < U; ++u) {
+      const uint64_t key = keys[u];
+      int64_t above = 0;
+      for (int64_t v = 0; v < U; ++v) above += keys[v] > key;
+      s.unit_kept[u] = above < n;
+    }
+    return;
+  }
+  std::copy(keys, keys + U, s.sorted.begin());
+  std::nth_element(s.sorted.begin(), s.sorted.begin() + (n - 1), s.sorted.begin() + U, std::greater<uint64_t>());
+  const uint64_t last = s.sorted[n - 1];
+  for (int64_t u = 0; u < U; ++u) s.unit_kept[u] = keys[u] >= last;
+}
+
 std::tuple<at::Tensor, at::Tensor> attentive_mask(
     const at::Tensor& x, const std::optional<at::Tensor>& scores, const std::optional<at::Tensor>& q,
     const std::optional<at::Tensor>& k, const std::optional<at::Tensor>& prior,
@@ -68,7 +121,7 @@ std::tuple<at::Tensor, at::Tensor> attentive_mask(
     at::IntArrayRef grid, int64_t block, int64_t num_units, double scale) {
   const MaskShape s = check_attentive_mask(x, scores, q, k, prior, boxes, num_prefix_tokens, score_grid, grid,
                                            block, num_units);
-  const int64_t P = s.P, Bx = s.Bx, D = s.D, N = s.N, U = s.U, Bs = s.Bs, kept_patches = s.M;
+  const int64_t P = s.P, Bx = s.Bx, D = s.D, U = s.U, Bs = s.Bs, kept_patches = s.M;
   Geometry g{s.Hs, s.Ws, s.Hg, s.Wg, block, s.Hu, s.Wu, false};
   at::Tensor map = scores.has_value() ? scores->to(at::kFloat).contiguous()
                                       : cls_attention(*q, *k, P, scale, prior).to(at::kFloat);
@@ -86,32 +139,25 @@ std::tuple<at::Tensor, at::Tensor> attentive_mask(
   const int64_t row_bytes = D * es;
 
   at::parallel_for(0, Bx, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> cells(N), units(U);
-    std::vector<int> order(U);
-    std::vector<char> keep(N);
+    Scratch scratch(g);
     for (int64_t r = begin; r < end; ++r) {
-      unit_scores(map_p + (r % Bs) * g.Hs * g.Ws, box_p ? box_p + 4 * r : nullptr, g, cells.data(), units.data());
-      std::iota(order.begin(), order.end(), 0);
-      const float* s = units.data();
-      auto better = [s](int a, int b) { return ranks_before(s[a], a, s[b], b); };
-      if (num_units < U) std::nth_element(order.begin(), order.begin() + num_units, order.end(), better);
-
-      std::fill(keep.begin(), keep.end(), 0);
-      for (int64_t i = 0; i < num_units; ++i) {
-        const int64_t ur = order[i] / g.Wu, uc = order[i] % g.Wu;
-        for (int64_t bi = 0; bi < block; ++bi)
-          for (int64_t bj = 0; bj < block; ++bj) keep[(ur * block + bi) * g.Wg + uc * block + bj] = 1;
-      }
+      unit_scores(map_p + (r % Bs) * g.Hs * g.Ws, box_p ? box_p + 4 * r : nullptr, g, scratch);
+      select_units(U, num_units, scratch);
       const char* src = x_p + r * xs0 * es;
       char* dst = kept_p + r * (P + kept_patches) * row_bytes;
       int64_t* row_idx = idx_p + r * kept_patches;
       for (int64_t t = 0; t < P; ++t) copy_row(dst + t * row_bytes, src + t * xs1 * es, D, xs2, es);
+      // Kept patches in ascending order: row-major over the grid, through the kept units.
       int64_t j = 0;
-      for (int64_t t = 0; t < N; ++t) {
-        if (!keep[t]) continue;
-        row_idx[j] = t;
-        copy_row(dst + (P + j) * row_bytes, src + (P + t) * xs1 * es, D, xs2, es);
-        ++j;
+      for (int64_t gr = 0; gr < g.Hg; ++gr) {
+        const char* unit_row = scratch.unit_kept.data() + (gr / block) * g.Wu;
+        for (int64_t gc = 0; gc < g.Wg; ++gc) {
+          if (!unit_row[gc / block]) continue;
+          const int64_t t = gr * g.Wg + gc;
+          row_idx[j] = t;
+          copy_row(dst + (P + j) * row_bytes, src + (P + t) * xs1 * es, D, xs2, es);
+          ++j;
+        }
       }
     }
   });
