@@ -103,6 +103,18 @@ def test_cls_attention_matches_reference(ops, dtype, prefix, strided, shape):
     assert_cls_attention_close(ops.cls_attention(q, k, prefix, dh ** -0.5, None), q, k, prefix)
 
 
+@pytest.mark.parametrize("layout", ["one-vector-per-key", "offset-by-one", "head-dim-12", "last-dim-stride2"])
+def test_cls_attention_vector_and_element_loads(ops, layout):
+    """Key rows read as 16-byte vectors (one per key: Dh=8 bfloat16) and element by element when a
+    row start is misaligned, Dh * itemsize is no multiple of 16, or the head dim is strided."""
+    q, k = cls_attention_inputs(2, 3, 21, 12 if layout == "head-dim-12" else 8, torch.bfloat16)
+    if layout == "offset-by-one":
+        k = torch.cat([k.new_zeros(1), k.flatten()])[1:].view(k.shape)
+    elif layout == "last-dim-stride2":
+        k = torch.stack([k, torch.zeros_like(k)], dim=-1)[..., 0]
+    assert_cls_attention_close(ops.cls_attention(q, k, 1, q.shape[-1] ** -0.5, None), q, k, 1)
+
+
 def test_cls_attention_adds_prior(ops):
     q, k = cls_attention_inputs(4, 12, 197, 64, torch.bfloat16, strided=True)
     prior = torch.rand(4, 196)
