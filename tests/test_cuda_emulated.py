@@ -91,6 +91,16 @@ def test_shared_memory_limit_is_checked_on_the_host(ops):
         emulated_mask(ops, x, scores, keep=10)
 
 
+def test_rows_of_2_gib_are_rejected_on_the_host(ops):
+    """The kernels copy a row with int32 byte indices: a row of 2**31 bytes (4 GiB of x, reserved,
+    not written) is a ValueError naming x before any kernel runs."""
+    x = torch.empty(1, 2, 2 ** 30, dtype=torch.float16)
+    with pytest.raises(ValueError, match="rows of x"):
+        emulated_mask(ops, x, torch.rand(1, 1, 1), keep=1)
+    with pytest.raises(ValueError, match="rows of grad_kept"):
+        ops.attentive_mask_backward(x, torch.zeros(1, 1, dtype=torch.long), 1, 1)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("prefix", [0, 1, 5])
 @pytest.mark.parametrize("strided", [False, True])
