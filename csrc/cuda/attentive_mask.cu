@@ -47,8 +47,8 @@ __global__ void __launch_bounds__(kThreads, 2) attentive_mask_kernel(MaskLaunch 
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   uint64_t* keys = reinterpret_cast<uint64_t*>(smem_raw);     // [L]
-  int* tokens = reinterpret_cast<int*>(keys + L);               // [M] token (P + patch) of each kept slot
-  int* warp_sums = tokens + M;                                  // [32]
+  int* patches = reinterpret_cast<int*>(keys + L);              // [M] patch of each kept slot
+  int* warp_sums = patches + M;                                 // [32]
   unsigned char* unit_kept = reinterpret_cast<unsigned char*>(warp_sums + 32);  // [U]
 
   // 1. The rank key of every unit: the cell scores (sampled in the view's box when resampling),
@@ -124,7 +124,7 @@ __global__ void __launch_bounds__(kThreads, 2) attentive_mask_kernel(MaskLaunch 
   int64_t* idx = blockIdx.y == 0 ? a.idx + r * M : nullptr;
   for (int t = begin; t < end; ++t) {
     if (!patch_kept(t)) continue;
-    tokens[slot] = static_cast<int>(a.P) + t;
+    patches[slot] = t;
     if (idx) idx[slot] = t;
     ++slot;
   }
@@ -138,7 +138,7 @@ __global__ void __launch_bounds__(kThreads, 2) attentive_mask_kernel(MaskLaunch 
   const char* src_row0 = a.x + r * a.xs[0] * a.elsize;
   char* dst = a.kept + r * rows * row_bytes;
   for (int64_t j = first + warp; j < last; j += kThreads / 32) {
-    const int64_t token = j < a.P ? j : tokens[j - a.P];
+    const int64_t token = j < a.P ? j : a.P + patches[j - a.P];
     warp_copy<Elem>(dst + j * row_bytes, src_row0 + token * a.xs[1] * a.elsize, launch.copy, lane);
   }
 }
