@@ -5,7 +5,8 @@ state nor the order favours a method. ViT-B/16 shapes (14x14 patches + 1 prefix 
 A-CLIP's settings (2x2 units, keep 0.5, a random box per view), 1 and 2 threads.
 
     python benchmarks/cpu_select_floor.py                      # B=32x2 and 64x2, fp32 and bf16
-    python benchmarks/cpu_select_floor.py --images 32 --dtypes fp32 --rounds 20 --json out.json
+    python benchmarks/cpu_select_floor.py --images 32 --dtypes fp32 --rounds 20
+    python benchmarks/cpu_select_floor.py --out benchmarks/results/cpu_select_floor   # + .json and .md
 
 Methods: ``attentive_mask`` (the public op, backend "cpu"), ``index_select floor``, and
 ``attentive_mask D=8`` (the same call on an x of width 8: the box alignment, pooling and selection
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import time
@@ -106,24 +108,30 @@ def main(argv=None):
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--evict-mib", type=int, default=0, help="eviction buffer (default: 2x the LLC)")
-    parser.add_argument("--json", type=Path, help="write the results (and the environment) here")
+    parser.add_argument("--out", type=Path, help="write OUT.json (results, environment) and OUT.md")
     args = parser.parse_args(argv)
     evict_bytes = (args.evict_mib << 20) or 2 * llc_bytes()
     evict = torch.empty(evict_bytes // 4, dtype=torch.float32)
+    load_before = os.getloadavg()[0]
     results = []
     for images in map(int, args.images.split(",")):
         for dtype in args.dtypes.split(","):
             for threads in map(int, args.threads.split(",")):
                 results.append(measure(images, dtype, threads, args.rounds, evict))
                 print(markdown(results[-1:]).split("\n")[2], flush=True)
-    print(f"\nCold caches ({evict_bytes >> 20} MiB written before every call), {args.rounds} rounds in "
-          "shuffled order, medians:\n")
-    print(markdown(results))
-    if args.json:
+    load = (load_before, os.getloadavg()[0])
+    text = (f"Cold caches ({evict_bytes >> 20} MiB written before every call), {args.rounds} rounds in shuffled "
+            f"order, medians; 1-minute load average {load[0]:.1f} before, {load[1]:.1f} after "
+            f"({os.cpu_count()} CPUs).\n\n" + markdown(results))
+    print("\n" + text)
+    if args.out:
         env = environment("cpu")
         env.pop("threads")
-        args.json.write_text(json.dumps({"environment": env, "evict_bytes": evict_bytes, "results": results},
-                                        indent=1) + "\n")
+        record = {"environment": env, "evict_bytes": evict_bytes, "load_average": load, "results": results}
+        args.out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+        args.out.with_suffix(".md").write_text(f"# attentive_mask (CPU) against the index_select floor\n\n"
+                                               f"{env['date']}, torch {env['torch']}, git {env['git_commit']}. "
+                                               + text + "\n")
 
 
 if __name__ == "__main__":
