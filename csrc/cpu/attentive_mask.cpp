@@ -39,8 +39,7 @@ inline void copy_row(char* dst, const char* src, int64_t width, int64_t src_stri
   }
 }
 
-// t as a contiguous float32 tensor; t itself when it is one (no dispatcher calls: with cold caches,
-// each costs tens of microseconds of instruction fetches).
+// t as a contiguous float32 tensor; t itself when it is one (two dispatcher calls saved per call).
 at::Tensor float_contiguous(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat && t.is_contiguous() ? t : t.to(at::kFloat).contiguous();
 }
