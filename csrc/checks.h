@@ -13,8 +13,15 @@
 
 namespace aclip {
 
-// Sides of a grid (and their product) stay below 2**31 so that kernels may index cells in int32.
+// Sides of a grid (and their product) stay below 2**31 so that kernels may index cells in int32;
+// so do the bytes of one token row (D * itemsize), which the CUDA kernels copy with int32 indices.
 constexpr int64_t kMaxSide = INT32_MAX;
+
+inline void check_row_bytes(const char* op, const char* name, const at::Tensor& t) {
+  const int64_t bytes = t.size(-1) * static_cast<int64_t>(t.element_size());
+  TORCH_CHECK_VALUE(bytes <= kMaxSide, op, ": the rows of ", name, " ", t.sizes(), " have ", bytes,
+                    " bytes; at most 2**31 - 1");
+}
 
 inline void check_floating(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf ||
@@ -77,6 +84,7 @@ inline MaskShape check_attentive_mask(const at::Tensor& x, const std::optional<a
   s.Bx = x.size(0);
   s.P = num_prefix_tokens;
   s.D = x.size(2);
+  check_row_bytes(op, "x", x);
   s.Hs = score_grid[0];
   s.Ws = score_grid[1];
   s.Hg = grid[0];
@@ -142,6 +150,7 @@ inline void check_attentive_mask_backward(const at::Tensor& grad_kept, const at:
                         num_prefix_tokens >= 0 && grad_kept.size(1) == num_prefix_tokens + idx.size(1),
                     op, ": grad_kept ", grad_kept.sizes(), " must be [Bx, P+M, D] for idx ", idx.sizes(),
                     " [Bx, M] and P=", num_prefix_tokens);
+  check_row_bytes(op, "grad_kept", grad_kept);
   TORCH_CHECK_VALUE(num_patches >= idx.size(1) && num_patches <= kMaxSide, op, ": num_patches=", num_patches,
                     " must be in [M, 2**31) for idx ", idx.sizes());
   if (idx.numel() == 0) return;

@@ -139,3 +139,27 @@ def run_under_asan():
         assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-5000:]
         assert " passed" in child.stdout.splitlines()[-1], child.stdout[-2000:]
     return run
+
+
+
+@pytest.fixture(scope="session")
+def far_apart():
+    """``far_apart(t)``: t's values in a view whose entries along dim 0 start 2**31 + 64 elements
+    apart, so that element and byte offsets pass 2**31 (int32 index products would wrap). The
+    storage is reserved, not written: only the pages of t's values are touched."""
+    gap = 2 ** 31 + 64
+
+    def make(t: torch.Tensor) -> torch.Tensor:
+        storage = torch.empty(gap * (t.shape[0] - 1) + t[0].numel(), dtype=t.dtype)
+        return storage.as_strided(t.shape, (gap,) + t[0].contiguous().stride()).copy_(t)
+    return make
+
+
+@pytest.fixture
+def far_apart_inputs(far_apart):
+    """attentive_mask inputs (fused q/k scoring, float16) whose x and k have their two images
+    2**31 + 64 elements apart (4 GiB of storage each, reserved, not written)."""
+    g = torch.Generator().manual_seed(0)
+    return dict(x=far_apart(torch.randn(2, 1 + 16, 24, generator=g).half()),
+                q=torch.randn(2, 3, 8, generator=g).half(),
+                k=far_apart(torch.randn(2, 3, 1 + 16, 8, generator=g).half()), keep=0.5, block=2)

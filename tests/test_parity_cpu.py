@@ -34,3 +34,13 @@ def test_backward_matches_reference(case):
 def test_cls_attention_matches_reference(dtype, prefix, strided):
     q, k = cls_attention_inputs(3, 4, prefix + 49, 16, dtype, strided=strided)
     assert_cls_attention_close(ak.cls_attention(q, k, num_prefix_tokens=prefix, backend="cpu"), q, k, prefix)
+
+
+
+def test_offsets_past_int32(far_apart_inputs):
+    """Every offset product must be int64: the images of x and k are 2**31 + 64 elements apart."""
+    inputs = far_apart_inputs
+    kept, idx = ak.attentive_mask(**inputs, backend="cpu")
+    assert_mask_matches_reference(kept, idx, inputs)
+    q, k = inputs["q"], inputs["k"]
+    assert_cls_attention_close(ak.cls_attention(q, k, backend="cpu"), q, k, 1)
