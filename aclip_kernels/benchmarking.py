@@ -19,8 +19,6 @@ from typing import Callable, Dict, Iterable, Optional, Sequence
 
 import torch
 
-from ._library import compiled_backends
-
 __all__ = ["DTYPES", "RESULTS", "PEAK_HBM_TBPS", "time_interleaved", "environment", "machine", "synchronize",
            "cpu_peak_bytes", "peak_bytes", "targets_line", "CudaEventClock", "cache_flusher", "copy_gbps",
            "peak_hbm_tbps", "bandwidth", "markdown_table", "pyplot", "save_figure", "write_json"]
@@ -174,12 +172,14 @@ def environment(device) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    import aclip_kernels
     device = torch.device(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else machine(device).split(",")[0]
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__, "triton": triton_version, "python": platform.python_version(),
             "device": f"{device.type}: {name}", "machine": machine(device), "threads": torch.get_num_threads(),
-            "compiled_backends": list(compiled_backends()), "git_commit": commit}
+            "compiled_backends": list(aclip_kernels.compiled_backends()), "git_commit": commit,
+            "aclip_kernels": str(Path(aclip_kernels.__file__).parent)}
 
 
 def cpu_peak_bytes(fn: Callable[[], object]) -> int:

@@ -31,7 +31,8 @@ def load(path) -> dict:
         groups.setdefault(b["group"], {})[b["params"]["method"]] = b
     env = data["machine_info"].get("aclip_kernels", {})
     commit = data.get("commit_info", {})
-    label = (commit.get("id") or "")[:8] + ("+dirty" if commit.get("dirty") else "") or Path(path).stem
+    label = data["machine_info"].get("aclip_kernels_label") or (
+        (commit.get("id") or "")[:8] + ("+dirty" if commit.get("dirty") else "")) or Path(path).stem
     return {"label": label, "env": env, "groups": groups, "datetime": data.get("datetime", "")}
 
 

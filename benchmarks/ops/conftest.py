@@ -15,12 +15,27 @@ of the data-sheet HBM bandwidth. The JSON's ``machine_info["aclip_kernels"]`` re
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from aclip_kernels import benchmarking as harness
+
+def _load_harness():
+    """This tree's ``aclip_kernels/benchmarking.py``, loaded by path: under ``make bench-compare``
+    the installed ``aclip_kernels`` is another commit's build, timed with this tree's harness."""
+    spec = importlib.util.spec_from_file_location(
+        "_aclip_bench_harness", Path(__file__).resolve().parents[2] / "aclip_kernels" / "benchmarking.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+harness = _load_harness()
 
 # (patch grid side, width) of the ViT shapes; heads = width // 64
 SHAPES = {"ViT-B/16@224": (14, 768), "ViT-L/14@224": (16, 1024), "ViT-L/14@336": (24, 1024)}
@@ -48,6 +63,10 @@ class Case:
     @property
     def width(self) -> int:
         return SHAPES[self.shape][1]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return harness.DTYPES[self.dtype]
 
     @property
     def group(self) -> str:
@@ -102,6 +121,8 @@ def pytest_collection_modifyitems(items):
 
 def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["aclip_kernels"] = {device: harness.environment(device) for device in _devices(config)}
+    if os.environ.get("ACLIP_BENCH_LABEL"):       # make bench-compare: the git ref the library was built from
+        machine_info["aclip_kernels_label"] = os.environ["ACLIP_BENCH_LABEL"]
 
 
 _SESSION = {}       # per device: the cache flusher and the copy rate measured once

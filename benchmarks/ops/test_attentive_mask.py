@@ -11,7 +11,6 @@ import torch
 
 import aclip_kernels as ak
 from aclip_kernels.baselines import aclip_published_mask, flat_row_indices, index_select_floor, timm_style_mask
-from aclip_kernels.benchmarking import DTYPES
 from aclip_kernels.testing import random_boxes
 
 OP = "attentive_mask"
@@ -27,7 +26,7 @@ def methods(device) -> list:
 def make_inputs(case) -> dict:
     g = torch.Generator().manual_seed(0)
     bx, n = case.images * case.views, case.grid ** 2
-    x = torch.randn(bx, 1 + n, case.width, generator=g).to(case.device, DTYPES[case.dtype])
+    x = torch.randn(bx, 1 + n, case.width, generator=g).to(case.device, case.torch_dtype)
     x.requires_grad_(case.passes == "fwd+bwd")
     scores = torch.rand(case.images, n, generator=g).to(case.device)
     boxes = random_boxes(bx, g).to(case.device)

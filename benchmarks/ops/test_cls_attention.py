@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 import aclip_kernels as ak
-from aclip_kernels.benchmarking import DTYPES
 
 OP = "cls_attention"
 PASSES = ("fwd",)
@@ -25,7 +24,7 @@ def methods(device) -> list:
 def make_inputs(case) -> dict:
     g = torch.Generator().manual_seed(0)
     heads, tokens = case.width // HEAD_DIM, 1 + case.grid ** 2
-    qkv = torch.randn(case.images, tokens, 3, heads, HEAD_DIM, generator=g).to(case.device, DTYPES[case.dtype])
+    qkv = torch.randn(case.images, tokens, 3, heads, HEAD_DIM, generator=g).to(case.device, case.torch_dtype)
     q, k, v = qkv.permute(2, 0, 3, 1, 4)
     item = qkv.element_size()
     return dict(q=q, k=k, v=v, scores_bytes=k.numel() * item + q[:, :, 0].numel() * item

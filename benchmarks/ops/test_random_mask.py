@@ -10,7 +10,6 @@ import torch
 
 import aclip_kernels as ak
 from aclip_kernels.baselines import flat_row_indices, index_select_floor, timm_style_mask
-from aclip_kernels.benchmarking import DTYPES
 
 OP = "random_mask"
 PASSES = ("fwd",)
@@ -25,7 +24,7 @@ def methods(device) -> list:
 def make_inputs(case) -> dict:
     g = torch.Generator().manual_seed(0)
     bx, n = case.images * case.views, case.grid ** 2
-    x = torch.randn(bx, 1 + n, case.width, generator=g).to(case.device, DTYPES[case.dtype])
+    x = torch.randn(bx, 1 + n, case.width, generator=g).to(case.device, case.torch_dtype)
     num_keep = ak.reference.num_keep_units(KEEP, n)
     idx = torch.rand(bx, n, generator=g).argsort(1)[:, :num_keep].sort(1).values.to(case.device)
     return dict(x=x, n=n, num_keep=num_keep, flat=flat_row_indices(idx, 1, 1 + n),
