@@ -17,9 +17,15 @@ from pathlib import Path
 
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
-from aclip_kernels.benchmarking import RESULTS, markdown_table, pyplot, save_figure
+from aclip_kernels.benchmarking import RESULTS, markdown_table, pyplot, save_figure, targets_line
 
 FLOOR = "index_select_floor"
+# The kernel issues' targets for attentive_mask's forward on a GPU (stated for ViT-B/16, 256 images x 2
+# views, bf16, on the H200): share of the data-sheet HBM bandwidth per backend, speed-ups over the
+# baselines, and cuda no slower than triton by more than 10%.
+BANDWIDTH_TARGET = {"triton": 0.60, "cuda": 0.70}
+SPEEDUP_TARGET = {"published_aclip": 5.0, "timm_argsort_gather": 2.0}
+CUDA_VS_TRITON_MAX = 1.10
 FAMILY_COLOURS = {"aclip_kernels": "tab:blue", "floor": "0.55", "baseline": "tab:orange"}
 
 
@@ -54,6 +60,33 @@ def _share(extra: dict) -> str:
     return "-"
 
 
+def targets(methods: dict) -> list:
+    """[{target, measured, met}] for an attentive_mask forward group on a GPU, else []."""
+    extra = next(iter(methods.values()))["extra_info"]
+    if (extra.get("op"), extra.get("passes"), extra.get("device")) != ("attentive_mask", "fwd", "cuda"):
+        return []
+    median = {m: b["stats"]["median"] for m, b in methods.items()}
+    out = []
+    for backend in ("triton", "cuda"):
+        name = f"aclip_kernels.{backend}"
+        if name not in median:
+            continue
+        share = methods[name]["extra_info"].get("share_of_peak_hbm")
+        if share is not None:
+            out.append({"target": f"{backend}: >= {BANDWIDTH_TARGET[backend]:.0%} of peak HBM bandwidth",
+                        "measured": f"{share:.1%}", "met": share >= BANDWIDTH_TARGET[backend]})
+        for baseline, factor in SPEEDUP_TARGET.items():
+            if baseline in median:
+                speedup = median[baseline] / median[name]
+                out.append({"target": f"{backend}: >= {factor:g}x faster than {baseline}",
+                            "measured": f"{speedup:.2f}x", "met": speedup >= factor})
+    if "aclip_kernels.cuda" in median and "aclip_kernels.triton" in median:
+        ratio = median["aclip_kernels.cuda"] / median["aclip_kernels.triton"]
+        out.append({"target": f"cuda time <= {CUDA_VS_TRITON_MAX:.2f}x triton's", "measured": f"{ratio:.2f}x",
+                    "met": ratio <= CUDA_VS_TRITON_MAX})
+    return out
+
+
 def single_markdown(run: dict, source: str) -> str:
     lines = [f"# Op suite: {source}", "", f"Measured on {describe(run)}. Medians of timed rounds with the cache "
              "flushed before each call (GPU: CUDA-event time). Bandwidth = the bytes the op must move / median; "
@@ -69,6 +102,8 @@ def single_markdown(run: dict, source: str) -> str:
         lines += [f"**{group}**", ""] + markdown_table(
             ["method", "median ms", "IQR ms", "rounds", "GB/s", "bandwidth share", f"time vs {ref}"], rows,
             [False, True, True, True, True, True, True]) + [""]
+        if targets(methods):
+            lines += [targets_line(targets(methods)), ""]
     return "\n".join(lines)
 
 

@@ -40,7 +40,7 @@ harness = _load_harness()
 # (patch grid side, width) of the ViT shapes; heads = width // 64
 SHAPES = {"ViT-B/16@224": (14, 768), "ViT-L/14@224": (16, 1024), "ViT-L/14@336": (24, 1024)}
 DEFAULT = {"cpu": dict(shapes=["ViT-B/16@224"], images=[16], dtypes=["fp32"], rounds=5, warmup=1),
-           "cuda": dict(shapes=["ViT-B/16@224"], images=[256], dtypes=["bf16"], rounds=50, warmup=5)}
+           "cuda": dict(shapes=["ViT-B/16@224"], images=[256], dtypes=["bf16", "fp32"], rounds=50, warmup=5)}
 FULL = dict(shapes=list(SHAPES), images=[64, 256], dtypes=["fp32", "bf16"])
 CLOCK = harness.CudaEventClock()
 
@@ -82,6 +82,8 @@ def pytest_addoption(parser):
                     help="the ViT sweep: 3 shapes x 64/256 images x fp32/bf16 (env ACLIP_BENCH_FULL=1)")
     group.addoption("--bench-devices", default=os.environ.get("ACLIP_BENCH_DEVICES", ""),
                     help="comma-separated devices (env ACLIP_BENCH_DEVICES; default: cpu, and cuda when present)")
+    group.addoption("--bench-images", default=os.environ.get("ACLIP_BENCH_IMAGES", ""),
+                    help="comma-separated image batches, replacing the default's (env ACLIP_BENCH_IMAGES)")
     group.addoption("--bench-rounds", type=int, default=int(os.environ.get("ACLIP_BENCH_ROUNDS", "0")),
                     help="timed rounds per method (default: 5 on the CPU, 50 on a GPU)")
 
@@ -102,6 +104,8 @@ def pytest_generate_tests(metafunc):
     params = []
     for device in _devices(config):
         sizes = dict(DEFAULT[device], **(FULL if config.getoption("--bench-full") else {}))
+        if config.getoption("--bench-images"):
+            sizes["images"] = [int(b) for b in config.getoption("--bench-images").split(",")]
         for passes in module.PASSES:
             for shape in sizes["shapes"]:
                 for images in sizes["images"]:
