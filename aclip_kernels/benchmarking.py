@@ -19,7 +19,7 @@ from typing import Callable, Dict, Iterable, Optional, Sequence
 
 import torch
 
-__all__ = ["DTYPES", "RESULTS", "PEAK_HBM_TBPS", "time_interleaved", "environment", "machine", "synchronize",
+__all__ = ["DTYPES", "RESULTS", "PEAK_HBM_TBPS", "time_interleaved", "environment", "machine", "cpu_info", "synchronize",
            "cpu_peak_bytes", "peak_bytes", "targets_line", "CudaEventClock", "cache_flusher", "copy_gbps",
            "peak_hbm_tbps", "bandwidth", "markdown_table", "pyplot", "save_figure", "write_json"]
 
@@ -144,16 +144,20 @@ def bandwidth(bytes_moved: int, seconds: float, device, copy_rate_gbps: Optional
 
 # ---- what a result was measured with ----------------------------------------------------------------
 
-def machine(device="cpu") -> str:
-    """The CPU model and core count (and the GPU, on CUDA), for result labels."""
+def cpu_info() -> tuple:
+    """(CPU model name, cores this process may run on)."""
     cpu = platform.processor() or "unknown CPU"
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    text = f"{cpu}, {cores} cores"
+    return cpu, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def machine(device="cpu") -> str:
+    """The CPU model and core count (and the GPU, on CUDA), for result labels."""
+    text = "{}, {} cores".format(*cpu_info())
     device = torch.device(device)
     if device.type == "cuda":
         text = f"{torch.cuda.get_device_name(device)} + {text}"
