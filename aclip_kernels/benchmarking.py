@@ -19,7 +19,7 @@ from typing import Callable, Dict, Iterable, Optional, Sequence
 
 import torch
 
-__all__ = ["DTYPES", "RESULTS", "PEAK_HBM_TBPS", "time_interleaved", "environment", "machine", "cpu_info", "synchronize",
+__all__ = ["DTYPES", "RESULTS", "PEAK_HBM_TBPS", "time_interleaved", "environment", "machine", "cpu_info", "source_commit", "synchronize",
            "cpu_peak_bytes", "peak_bytes", "targets_line", "CudaEventClock", "cache_flusher", "copy_gbps",
            "peak_hbm_tbps", "bandwidth", "markdown_table", "pyplot", "save_figure", "write_json"]
 
@@ -164,19 +164,27 @@ def machine(device="cpu") -> str:
     return text
 
 
+def source_commit(package_dir: Path) -> str:
+    """The short git commit of the library at ``package_dir`` when it runs from a git checkout (an
+    editable install), else "" (an installed copy: its commit is not knowable from here)."""
+    try:
+        tracked = subprocess.run(["git", "ls-files", "--error-unmatch", "__init__.py"], capture_output=True,
+                                 cwd=package_dir).returncode == 0
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=package_dir).stdout.strip() if tracked else ""
+    except OSError:
+        return ""
+
+
 def environment(device) -> dict:
     """What a result was measured with: versions, device, machine, threads, git commit, date (UTC)."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        commit = ""
     try:
         import triton
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
     import aclip_kernels
+    commit = source_commit(Path(aclip_kernels.__file__).parent)
     device = torch.device(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else machine(device).split(",")[0]
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

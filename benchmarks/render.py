@@ -48,7 +48,7 @@ def family(method: str) -> str:
 
 def describe(run: dict) -> str:
     parts = [f"{e['device']} ({e['machine']}, {e['threads']} threads), torch {e['torch']}, triton {e['triton']}, "
-             f"commit {e['git_commit']}" for e in run["env"].values()]
+             f"commit {e['git_commit'] or 'of an installed copy'}" for e in run["env"].values()]
     return "; ".join(parts) + f", {run['datetime'][:16]} UTC"
 
 
@@ -130,7 +130,7 @@ def _ms(value: float) -> str:
 
 
 def plot(runs: list, path: Path) -> None:
-    """One panel per group: median ms per method (log scale), IQR as error bars; with two runs,
+    """One panel per group: median ms per method (log scale), the quartiles as error bars; with two runs,
     the bars of each side by side."""
     plt = pyplot()
     groups = list(dict.fromkeys(g for run in runs for g in run["groups"]))
@@ -146,7 +146,8 @@ def plot(runs: list, path: Path) -> None:
             stats = [found[m]["stats"] for m in methods if m in found]
             colours = [FAMILY_COLOURS[family(m)] for m in methods if m in found]
             bars = ax.barh(ys, [s["median"] * 1e3 for s in stats], height=height * 0.9,
-                           xerr=[s["iqr"] * 1e3 for s in stats], color=colours,
+                           xerr=[[(s["median"] - s["q1"]) * 1e3 for s in stats],
+                                 [(s["q3"] - s["median"]) * 1e3 for s in stats]], color=colours,
                            alpha=1.0 if k == len(runs) - 1 else 0.45,
                            edgecolor="black" if len(runs) > 1 and k == len(runs) - 1 else None, capsize=2)
             ax.bar_label(bars, labels=[_ms(s["median"] * 1e3) for s in stats], fontsize=6, padding=2)
