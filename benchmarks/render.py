@@ -184,6 +184,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(RESULTS), help="folder for STEM.md and STEM.png")
     parser.add_argument("--name", default=None, help="file stem (default: the JSON's, or BASE_vs_HEAD)")
     parser.add_argument("--labels", nargs=2, default=None, help="names of base and head (default: their commits)")
+    parser.add_argument("--note", default="", help="a sentence under the title, e.g. on the machine's load")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
     if len(args.json) > 2:
@@ -196,6 +197,9 @@ def main(argv=None) -> int:
     else:
         text = compare_markdown(*runs)
         stem = args.name or f"{Path(args.json[1]).stem}_vs_{Path(args.json[0]).stem}"
+    if args.note:
+        title, rest = text.split("\n", 1)
+        text = f"{title}\n\n{args.note}\n{rest}"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.md").write_text(text + "\n")

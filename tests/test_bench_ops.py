@@ -107,3 +107,11 @@ def test_render_reports_the_gpu_targets_met_or_missed():
     for name in group:
         group[name]["extra_info"]["device"] = "cpu"
     assert render["targets"](group) == []                          # the targets are stated for GPUs
+
+
+@pytest.mark.parametrize("option,message", [("--bench-devices=tpu", "unknown ['tpu']"),
+                                            ("--bench-images=0,x", "positive integers")])
+def test_op_suite_rejects_bad_options_by_name(option, message):
+    run = subprocess.run([sys.executable, "-m", "pytest", str(ROOT / "benchmarks" / "ops"), "--collect-only", "-q",
+                          "-p", "no:cacheprovider", option], capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and option in run.stderr and message in run.stderr, run.stdout + run.stderr

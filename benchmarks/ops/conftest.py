@@ -90,11 +90,33 @@ def pytest_addoption(parser):
 
 def _devices(config) -> list:
     chosen = [d for d in config.getoption("--bench-devices").split(",") if d]
+    unknown = [d for d in chosen if d not in DEFAULT]
+    if unknown:
+        raise pytest.UsageError(f"--bench-devices={','.join(chosen)}: unknown {unknown}; expected cpu and/or cuda")
     if not chosen:
         return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if "cuda" in chosen and not torch.cuda.is_available():
         raise pytest.UsageError("--bench-devices names cuda, but torch sees no CUDA device")
     return chosen
+
+
+def _positive_ints(option: str, text: str) -> list:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise pytest.UsageError(f"{option}={text}: expected comma-separated positive integers")
+    return values
+
+
+def pytest_configure(config):
+    """Reject bad options before collection, naming the option and its value."""
+    _devices(config)
+    if config.getoption("--bench-images"):
+        _positive_ints("--bench-images", config.getoption("--bench-images"))
+    if config.getoption("--bench-rounds") < 0:
+        raise pytest.UsageError(f"--bench-rounds={config.getoption('--bench-rounds')}: expected a positive integer")
 
 
 def pytest_generate_tests(metafunc):
@@ -105,7 +127,7 @@ def pytest_generate_tests(metafunc):
     for device in _devices(config):
         sizes = dict(DEFAULT[device], **(FULL if config.getoption("--bench-full") else {}))
         if config.getoption("--bench-images"):
-            sizes["images"] = [int(b) for b in config.getoption("--bench-images").split(",")]
+            sizes["images"] = _positive_ints("--bench-images", config.getoption("--bench-images"))
         for passes in module.PASSES:
             for shape in sizes["shapes"]:
                 for images in sizes["images"]:
