@@ -36,7 +36,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then   # wheels carried for packages the 
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 
-cuda_mode=AUTO
+cuda_mode=${ACLIP_KERNELS_CUDA:-AUTO}   # a CPU rehearsal may say OFF
 if [ "$DEVICE" = cuda ]; then
   if "$CUDA_HOME/bin/nvcc" --version | tail -2; then cuda_mode=ON
   else echo "NO nvcc at $CUDA_HOME/bin: building without the cuda backend (its tests and benchmarks will say so)"; fi
