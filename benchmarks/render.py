@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -122,6 +123,11 @@ def compare_markdown(base: dict, head: dict) -> str:
         lines += [f"**{group}**", ""] + markdown_table(
             ["method", f"{base['label']} median ms", f"{head['label']} median ms", "head / base"], rows,
             [False, True, True, True]) + [""]
+        controls = [h[m]["stats"]["median"] / b[m]["stats"]["median"] for m in b if m in h and family(m) != "aclip_kernels"]
+        if controls:
+            lines += [f"Control: the methods outside the library (baselines, floor) changed by {statistics.median(controls):.2f}x "
+                      "(median); unless `aclip_kernels.baselines` changed, that is how much the machine drifted between "
+                      "the two runs, and the library's ratios mean something only beyond it.", ""]
     return "\n".join(lines)
 
 

@@ -50,6 +50,7 @@ def test_op_suite_groups_every_method_and_records_bandwidth(tmp_path):
     assert render["main"]([str(out), str(out), "--labels", "old", "new", "--out", str(tmp_path), "--name", "c"]) == 0
     assert "| method | old median ms | new median ms | head / base |" in (tmp_path / "c.md").read_text()
     assert "| 1.00x |" in (tmp_path / "c.md").read_text() and (tmp_path / "c.png").stat().st_size > 10_000
+    assert "(baselines, floor) changed by 1.00x (median)" in (tmp_path / "c.md").read_text()
 
 
 class FakeEvent:
