@@ -1,5 +1,5 @@
 // The invariants every compiled entry point of the ops checks before it touches memory, shared by the
-// CPU (cpu/) and CUDA (cuda/ops_cuda.cpp) implementations. The public Python ops check the same
+// CPU (cpu/) and CUDA (cuda/ops_cuda.cpp) implementations: the only argument checks in csrc/. The public Python ops check the same
 // things first, with friendlier messages (aclip_kernels/ops/_checks.py); these checks are for
 // whoever calls torch.ops.aclip_kernels.* directly: no argument may make a kernel read or write
 // out of bounds. Shape errors raise ValueError, dtype errors TypeError (TORCH_CHECK_VALUE / _TYPE).
@@ -27,6 +27,12 @@ inline void check_same_device(const char* op, const char* name, const at::Tensor
                     ref.device(), "; all tensors must be on one device");
 }
 
+// A tensor on the device type a kernel runs on (the dispatcher picks the implementation from all tensors).
+inline void check_device_type(const char* op, const char* name, const at::Tensor& t, c10::DeviceType type) {
+  TORCH_CHECK(t.device().type() == type, op, ": ", name, " is on ", t.device(), "; this kernel needs ",
+              c10::DeviceTypeName(type), " tensors");
+}
+
 struct ClsAttentionShape {
   int64_t B, H, T, Dh, P, N;
 };
@@ -47,6 +53,7 @@ inline ClsAttentionShape check_cls_attention(const at::Tensor& q, const at::Tens
                     k.sizes(), " must match q ", q.sizes(), " in batch, heads (>= 1) and head dim (>= 1)");
   TORCH_CHECK_VALUE(s.P >= 0 && s.N >= 1 && s.T <= kMaxSide, op, ": num_prefix_tokens=", s.P,
                     " must be in [0, T) for k ", k.sizes());
+  TORCH_CHECK_VALUE(s.B <= kMaxSide && s.H <= kMaxSide && s.Dh <= kMaxSide, op, ": shapes too large: k ", k.sizes());
   if (prior.has_value()) {
     check_floating(op, "prior", *prior);
     check_same_device(op, "prior", *prior, q);

@@ -84,6 +84,14 @@ def check_grid(grid, num_patches: int, x: Tensor) -> Tuple[int, int]:
     return sides
 
 
+def check_tokens(x, num_prefix_tokens, grid: Optional[Sequence]) -> Tuple[int, Tuple[int, int]]:
+    """x [Bx, P+N, D] -> (P, (Hg, Wg)): the grid of its N patches, square when ``grid`` is None."""
+    check_tensor("x", x, 3, "[Bx, P+N, D]")
+    p = check_prefix(num_prefix_tokens, x.shape[1], "x")
+    n = x.shape[1] - p
+    return p, square_grid("x", n, shape_of(x)) if grid is None else check_grid(grid, n, x)
+
+
 def check_scale(scale, head_dim: int) -> float:
     """The logit scale: ``head_dim ** -0.5`` when None."""
     return head_dim ** -0.5 if scale is None else check_real("scale", scale)
@@ -137,8 +145,8 @@ def check_backward_args(grad_kept: Tensor, idx: Tensor, num_prefix_tokens: int, 
 
 
 @dataclass(frozen=True)
-class MaskArgs:
-    """Checked, normalised arguments of attentive_mask (what every backend receives)."""
+class MaskCall:
+    """The checked, normalised arguments of one attentive_mask call (what every backend receives)."""
     x: Tensor                    # [Bx, P+N, D]
     scores: Optional[Tensor]     # [Bs, Hs*Ws], or None with q and k
     q: Optional[Tensor]          # [Bs, H, Dh]
@@ -155,13 +163,12 @@ class MaskArgs:
 
 def check_mask_args(x, scores, keep, q, k, prior, num_prefix_tokens, grid: Optional[Sequence],
                     block, boxes, scale, check_values: bool = True, keep_name: str = "keep",
-                    k_grid: Optional[Tuple[int, int]] = None) -> MaskArgs:
+                    k_grid: Optional[Tuple[int, int]] = None) -> MaskCall:
     """The public arguments of attentive_mask, checked and normalised. ``check_values=False`` leaves
     the finiteness of ``boxes`` (a value check, which synchronises with a GPU) to the compiled op;
     ``keep_name`` is what messages call ``keep``; ``k_grid`` the grid of k's patches (default square)."""
-    check_tensor("x", x, 3, "[Bx, P+N, D]")
-    p = check_prefix(num_prefix_tokens, x.shape[1], "x")
-    bx, n = x.shape[0], x.shape[1] - p
+    p, grid = check_tokens(x, num_prefix_tokens, grid)
+    bx = x.shape[0]
 
     if (scores is None) == (q is None and k is None):
         raise ValueError("give either scores, or q and k (with an optional prior), not both or neither")
@@ -192,7 +199,6 @@ def check_mask_args(x, scores, keep, q, k, prior, num_prefix_tokens, grid: Optio
         raise ValueError(f"x has {bx} rows, which is not a multiple of the {bs} rows of the scores "
                          f"(x {shape_of(x)}); views must be stacked view-major")
 
-    grid = square_grid("x", n, shape_of(x)) if grid is None else check_grid(grid, n, x)
     block = check_int("block", block)
     if block < 1:
         raise ValueError(f"block must be a positive int; got {block!r}")
@@ -222,17 +228,27 @@ def check_mask_args(x, scores, keep, q, k, prior, num_prefix_tokens, grid: Optio
             raise ValueError(f"{keep_name}={keep} as a fraction must be in (0, 1]")
 
     check_same_device("x", x, scores=scores, q=q, k=k, prior=prior)
-    return MaskArgs(x, scores, q, k, prior, boxes, p, score_grid, grid, block,
+    return MaskCall(x, scores, q, k, prior, boxes, p, score_grid, grid, block,
                     num_keep_units(keep, num_units), 0.0 if scale is None else check_real("scale", scale))
 
 
-def check_prior(prior: Optional[Tensor], batch: int, num_patches: int, k: Tensor) -> None:
+def check_prior(prior: Optional[Tensor], batch: int, num_patches: int, k: Tensor) -> Optional[Tensor]:
     if prior is not None:
         check_tensor("prior", prior, 2, "[Bs, N]")
         if tuple(prior.shape) != (batch, num_patches):
             raise ValueError(f"prior must be [Bs, N] = [{batch}, {num_patches}] like the scores of k "
                              f"{shape_of(k)}; got {shape_of(prior)}")
         check_same_device("k", k, prior=prior)
+    return prior
+
+
+def check_out(out, q: Tensor, k: Tensor, num_patches: int) -> None:
+    """The deprecated ``out`` of cls_attention: float32 [B, N], on q's device."""
+    if not isinstance(out, Tensor) or tuple(out.shape) != (q.shape[0], num_patches) or out.dtype != torch.float32:
+        got = f"{shape_of(out)} {out.dtype}" if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"out must be a float32 tensor [B, N] = [{q.shape[0]}, {num_patches}] for k "
+                         f"{shape_of(k)}; got {got}")
+    check_same_device("q", q, out=out)
 
 
 def check_cls_attention_op(q, k, num_prefix_tokens, prior) -> None:
@@ -242,7 +258,7 @@ def check_cls_attention_op(q, k, num_prefix_tokens, prior) -> None:
 
 
 def check_mask_op(x, scores, q, k, prior, boxes, num_prefix_tokens, score_grid, grid, block, num_units,
-                  scale) -> MaskArgs:
+                  scale) -> MaskCall:
     """The attentive_mask op schema's contract (csrc/checks.h), for a direct call of the Triton op:
     the public checks applied to the schema's arguments, and the score grid checked against them."""
     hs, ws = (check_int("score_grid", side) for side in check_pair("score_grid", score_grid))
