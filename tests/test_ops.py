@@ -82,14 +82,28 @@ def test_cls_attention_gradcheck(backend):
     assert torch.autograd.gradcheck(lambda a, b: ak.cls_attention(a, b, backend=backend), (q, k))
 
 
-def test_cls_attention_out_accumulates():
+def test_cls_attention_prior_accumulates():
+    q, k = torch.randn(2, 3, 8), torch.randn(2, 3, 17, 8)
+    for backend in CPU_BACKENDS:
+        prior = torch.ones(2, 16)
+        scores = ak.cls_attention(q, k, prior=prior, backend=backend)
+        scores = ak.cls_attention(q, k, prior=scores, backend=backend)
+        torch.testing.assert_close(scores, 1 + 2 * ref.cls_attention_ref(q, k, 1))
+        assert (prior == 1).all()
+
+
+def test_cls_attention_deprecated_out_accumulates_in_place():
     q, k = torch.randn(2, 3, 8), torch.randn(2, 3, 17, 8)
     for backend in CPU_BACKENDS:
         out = torch.ones(2, 16)
-        result = ak.cls_attention(q, k, out=out, backend=backend)
+        with pytest.warns(DeprecationWarning, match="prior"):
+            result = ak.cls_attention(q, k, out=out, backend=backend)
         assert result is out
-        ak.cls_attention(q, k, out=out, backend=backend)
+        with pytest.warns(DeprecationWarning):
+            ak.cls_attention(q, k, out=out, backend=backend)
         torch.testing.assert_close(out, 1 + 2 * ref.cls_attention_ref(q, k, 1))
+        with pytest.raises(ValueError, match="not both"), pytest.warns(DeprecationWarning):
+            ak.cls_attention(q, k, out=out, prior=out, backend=backend)
 
 
 @needs_compiled
