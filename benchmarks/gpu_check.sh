@@ -48,8 +48,8 @@ step "GPU tests"
 # tests over processes when pytest-xdist is there (the H200 image has it)
 parallel=""; [ "$DEVICE" = cuda ] && $PY -c "import xdist" 2>/dev/null && parallel="-n 8"
 # shellcheck disable=SC2086
-timeout 240 $PY -m pytest -q -p no:cacheprovider -x $parallel tests/test_cuda.py tests/test_triton.py \
-  tests/test_parity_cpu.py || status=1
+timeout 240 $PY -m pytest -q -p no:cacheprovider -x $parallel tests/ops/test_cuda.py tests/ops/test_triton.py \
+  tests/ops/test_parity_cpu.py || status=1
 
 step "benchmarks"
 $PY benchmarks/bench_mask.py --device "$DEVICE" --dtype bf16 --images 256 --out "$OUT" || status=1

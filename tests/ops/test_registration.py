@@ -13,7 +13,7 @@ import aclip_kernels as ak
 from aclip_kernels.backends import TRITON_MISSING
 from aclip_kernels.ops._define import NAMESPACE, SCHEMAS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "aclip_kernels"
 attentive_mask_module = importlib.import_module("aclip_kernels.ops.attentive_mask")  # the attribute is the op
 cls_attention_module = importlib.import_module("aclip_kernels.ops.cls_attention")

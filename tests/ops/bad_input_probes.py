@@ -1,4 +1,4 @@
-"""Hostile-input probes of the ops, run by tests/test_bad_input.py in child processes.
+"""Hostile-input probes of the ops, run by tests/ops/test_bad_input.py in child processes.
 
 Each probe is a call with bad (or unusual but valid) arguments. ``public`` probes call the public
 API (``ak.attentive_mask`` ...) with ``backend=``; ``direct`` probes call an op of the schema of
