@@ -25,7 +25,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from aclip_kernels.ops._define import define_schemas  # noqa: E402  (imports the Triton kernels)
+from aclip_kernels.backends import BACKENDS, resolve_backend  # noqa: E402  (imports the Triton kernels)
+from aclip_kernels.ops._define import define_schemas  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -107,6 +108,31 @@ def build_native(name: str) -> NativeOps:
                        extra_include_paths=includes)
     define_schemas(name)
     return NativeOps(name, build / f"{name}.so")
+
+
+@dataclass(frozen=True)
+class OpBackend:
+    """A backend of the ops and the device its tensors live on; ``interpreted``: Triton on the CPU."""
+    name: str
+    device: str
+
+    @property
+    def interpreted(self) -> bool:
+        return self.name == "triton" and self.device == "cpu"
+
+
+@pytest.fixture(params=BACKENDS)
+def op_backend(request) -> OpBackend:
+    """Every backend of the ops (torch, cpu, cuda, triton), on its device; skipped where it cannot run."""
+    name = request.param
+    device = "cuda" if name == "cuda" or (name == "triton" and torch.cuda.is_available()) else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    try:
+        resolve_backend(name, torch.device(device))
+    except RuntimeError as error:
+        pytest.skip(str(error))
+    return OpBackend(name, device)
 
 
 @pytest.fixture(scope="session")

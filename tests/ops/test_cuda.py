@@ -41,15 +41,6 @@ def test_cuda_kernels_were_built():
 
 # ---- parity with the reference (GPU) -----------------------------------------------------------
 
-@requires_cuda
-@pytest.mark.parametrize("case", mask_cases(), ids=lambda c: c.id)
-def test_attentive_mask_matches_reference(case):
-    inputs = make_mask_inputs(case, device=DEVICE)
-    kept, idx = ak.attentive_mask(**inputs, backend=BACKEND)
-    assert kept.device.type == DEVICE and idx.device.type == DEVICE
-    assert_mask_matches_reference(kept, idx, inputs)
-
-
 def layout_cases(device):
     """(name, attentive_mask kwargs) built on ``device``: row widths and layouts that take the
     narrower copy units, strided and offset x, and the largest grids (ViT-L/14@448, P=8, D=2048)."""
