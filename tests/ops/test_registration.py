@@ -3,6 +3,9 @@ compiled and the Triton backends; and a package whose modules import each other 
 import ast
 import importlib
 import re
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import Dict, List, Optional, Set
 
@@ -137,3 +140,28 @@ def test_the_cycle_check_sees_a_deferred_import(tmp_path):
     (package / "sub" / "b.py").write_text("import importlib\nA = importlib.import_module('..c', __package__)\n")
     (package / "c.py").write_text("import pkg.a\n")
     assert find_cycle(import_graph(package)) == ["pkg.a", "pkg.sub.b", "pkg.c", "pkg.a"]
+
+
+@pytest.mark.skipif(TRITON_MISSING is not None, reason=f"{TRITON_MISSING}")
+def test_a_pure_python_install_defines_every_op_and_runs_triton():
+    """Without the compiled library (ACLIP_KERNELS_BUILD_EXT=OFF) the schemas and the Triton ops are there."""
+    script = textwrap.dedent("""
+        import os, sys, types
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        fake = types.ModuleType("aclip_kernels._build_info")
+        fake.BUILD_EXT = False
+        sys.modules["aclip_kernels._build_info"] = fake
+        import torch, aclip_kernels as ak
+        assert ak.compiled_backends() == ()
+        for name in ("cls_attention", "attentive_mask", "attentive_mask_backward"):
+            assert getattr(torch.ops.aclip_kernels, name).default._schema is not None
+            assert getattr(torch.ops.aclip_kernels, name + "_triton").default._schema is not None
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        x = torch.randn(2, 17, 4, device=device, requires_grad=True)
+        kept, idx = ak.attentive_mask(x, torch.randn(2, 16, device=device), 4, backend="triton")
+        kept.sum().backward()
+        assert idx.shape == (2, 4) and float(x.grad.sum()) == 2 * 5 * 4
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
