@@ -161,6 +161,72 @@ class MaskCall:
     scale: float
 
 
+def check_scores(scores, prior) -> Tuple[Tensor, Tuple[int, int]]:
+    """scores [Bs, N] (square grid) or [Bs, Hs, Ws] -> ([Bs, Hs*Ws], (Hs, Ws))."""
+    if prior is not None:
+        raise ValueError("prior adds to the fused q/k scores; with scores given, add it yourself")
+    if not isinstance(scores, Tensor) or scores.dim() not in (2, 3):
+        raise ValueError("scores must be [Bs, N] or [Bs, Hs, Ws]; got "
+                         f"{shape_of(scores) if isinstance(scores, Tensor) else type(scores).__name__}")
+    check_tensor("scores", scores, scores.dim(), "[Bs, N] or [Bs, Hs, Ws]")
+    if scores.dim() == 3:
+        score_grid = (scores.shape[1], scores.shape[2])
+    else:
+        score_grid = square_grid("scores", scores.shape[1], shape_of(scores))
+    return scores.reshape(scores.shape[0], score_grid[0] * score_grid[1]), score_grid
+
+
+def check_fused(q, k, prior, num_prefix_tokens: int, k_grid: Optional[Tuple[int, int]]) -> Tuple[int, int]:
+    """The fused scores' q [Bs, H, Dh], k [Bs, H, P+Hs*Ws, Dh], prior [Bs, Hs*Ws] -> (Hs, Ws)."""
+    if q is None or k is None:
+        raise ValueError("the fused scores need both q and k")
+    q, k, ns = check_qk(q, k, num_prefix_tokens)
+    score_grid = square_grid("k", ns, shape_of(k)) if k_grid is None else k_grid
+    if score_grid[0] * score_grid[1] != ns:
+        raise ValueError(f"score_grid={score_grid} does not match the {ns} patches of k {shape_of(k)}")
+    check_prior(prior, q.shape[0], ns, k)
+    return score_grid
+
+
+def check_block(block, grid: Tuple[int, int], x: Tensor) -> int:
+    block = check_int("block", block)
+    if block < 1:
+        raise ValueError(f"block must be a positive int; got {block!r}")
+    if grid[0] % block or grid[1] % block:
+        raise ValueError(f"block={block} must divide the grid {grid} of x {shape_of(x)}")
+    return block
+
+
+def check_boxes(boxes, x: Tensor, check_values: bool) -> Optional[Tensor]:
+    """boxes [Bx, 4] (one per row of x) -> float32 contiguous, or None."""
+    if boxes is None:
+        return None
+    bx = x.shape[0]
+    if not isinstance(boxes, Tensor) or tuple(boxes.shape) != (bx, 4):
+        got = shape_of(boxes) if isinstance(boxes, Tensor) else type(boxes).__name__
+        raise ValueError(f"boxes must be [Bx, 4] = [{bx}, 4] (y0, x0, h, w), one per row of x; got {got}")
+    check_tensor("boxes", boxes, 2, "[Bx, 4]")
+    check_same_device("x", x, boxes=boxes)
+    if check_values:
+        check_boxes_finite(boxes)
+    return boxes.to(torch.float32).contiguous()
+
+
+def check_keep(keep, num_units: int, keep_name: str, context: str) -> int:
+    """keep, an int number of units or a float fraction -> the number of units kept."""
+    if isinstance(keep, bool) or not isinstance(keep, numbers.Real):
+        raise TypeError(f"{keep_name} must be an int (units) or a float fraction in (0, 1]; got {keep!r}")
+    if isinstance(keep, numbers.Integral):
+        keep = int(keep)
+        if not 0 < keep <= num_units:
+            raise ValueError(f"{keep_name}={keep} units must be in [1, {num_units}] ({context})")
+    else:
+        keep = float(keep)
+        if not 0.0 < keep <= 1.0:
+            raise ValueError(f"{keep_name}={keep} as a fraction must be in (0, 1]")
+    return num_keep_units(keep, num_units)
+
+
 def check_mask_args(x, scores, keep, q, k, prior, num_prefix_tokens, grid: Optional[Sequence],
                     block, boxes, scale, check_values: bool = True, keep_name: str = "keep",
                     k_grid: Optional[Tuple[int, int]] = None) -> MaskCall:
@@ -168,68 +234,24 @@ def check_mask_args(x, scores, keep, q, k, prior, num_prefix_tokens, grid: Optio
     the finiteness of ``boxes`` (a value check, which synchronises with a GPU) to the compiled op;
     ``keep_name`` is what messages call ``keep``; ``k_grid`` the grid of k's patches (default square)."""
     p, grid = check_tokens(x, num_prefix_tokens, grid)
-    bx = x.shape[0]
-
     if (scores is None) == (q is None and k is None):
         raise ValueError("give either scores, or q and k (with an optional prior), not both or neither")
     if scores is not None:
-        if prior is not None:
-            raise ValueError("prior adds to the fused q/k scores; with scores given, add it yourself")
-        if not isinstance(scores, Tensor) or scores.dim() not in (2, 3):
-            raise ValueError("scores must be [Bs, N] or [Bs, Hs, Ws]; got "
-                             f"{shape_of(scores) if isinstance(scores, Tensor) else type(scores).__name__}")
-        check_tensor("scores", scores, scores.dim(), "[Bs, N] or [Bs, Hs, Ws]")
-        if scores.dim() == 3:
-            score_grid = (scores.shape[1], scores.shape[2])
-        else:
-            score_grid = square_grid("scores", scores.shape[1], shape_of(scores))
+        scores, score_grid = check_scores(scores, prior)
         bs = scores.shape[0]
-        scores = scores.reshape(bs, score_grid[0] * score_grid[1])
     else:
-        if q is None or k is None:
-            raise ValueError("the fused scores need both q and k")
-        q, k, ns = check_qk(q, k, p)
-        bs = q.shape[0]
-        score_grid = square_grid("k", ns, shape_of(k)) if k_grid is None else k_grid
-        if score_grid[0] * score_grid[1] != ns:
-            raise ValueError(f"score_grid={score_grid} does not match the {ns} patches of k {shape_of(k)}")
-        check_prior(prior, bs, ns, k)
-        scale = check_scale(scale, q.shape[-1])
-    if bs == 0 or bx % bs:
-        raise ValueError(f"x has {bx} rows, which is not a multiple of the {bs} rows of the scores "
+        score_grid = check_fused(q, k, prior, p, k_grid)
+        bs, scale = q.shape[0], check_scale(scale, q.shape[-1])
+    if bs == 0 or x.shape[0] % bs:
+        raise ValueError(f"x has {x.shape[0]} rows, which is not a multiple of the {bs} rows of the scores "
                          f"(x {shape_of(x)}); views must be stacked view-major")
-
-    block = check_int("block", block)
-    if block < 1:
-        raise ValueError(f"block must be a positive int; got {block!r}")
-    if grid[0] % block or grid[1] % block:
-        raise ValueError(f"block={block} must divide the grid {grid} of x {shape_of(x)}")
-    if boxes is not None:
-        if not isinstance(boxes, Tensor) or tuple(boxes.shape) != (bx, 4):
-            got = shape_of(boxes) if isinstance(boxes, Tensor) else type(boxes).__name__
-            raise ValueError(f"boxes must be [Bx, 4] = [{bx}, 4] (y0, x0, h, w), one per row of x; got {got}")
-        check_tensor("boxes", boxes, 2, "[Bx, 4]")
-        check_same_device("x", x, boxes=boxes)
-        if check_values:
-            check_boxes_finite(boxes)
-        boxes = boxes.to(torch.float32).contiguous()
-
-    num_units = (grid[0] // block) * (grid[1] // block)
-    if isinstance(keep, bool) or not isinstance(keep, numbers.Real):
-        raise TypeError(f"{keep_name} must be an int (units) or a float fraction in (0, 1]; got {keep!r}")
-    if isinstance(keep, numbers.Integral):
-        keep = int(keep)
-        if not 0 < keep <= num_units:
-            raise ValueError(f"{keep_name}={keep} units must be in [1, {num_units}] "
-                             f"(grid {grid}, block {block}, x {shape_of(x)})")
-    else:
-        keep = float(keep)
-        if not 0.0 < keep <= 1.0:
-            raise ValueError(f"{keep_name}={keep} as a fraction must be in (0, 1]")
-
+    block = check_block(block, grid, x)
+    boxes = check_boxes(boxes, x, check_values)
+    num_units = check_keep(keep, (grid[0] // block) * (grid[1] // block), keep_name,
+                           f"grid {grid}, block {block}, x {shape_of(x)}")
     check_same_device("x", x, scores=scores, q=q, k=k, prior=prior)
-    return MaskCall(x, scores, q, k, prior, boxes, p, score_grid, grid, block,
-                    num_keep_units(keep, num_units), 0.0 if scale is None else check_real("scale", scale))
+    return MaskCall(x, scores, q, k, prior, boxes, p, score_grid, grid, block, num_units,
+                    0.0 if scale is None else check_real("scale", scale))
 
 
 def check_prior(prior: Optional[Tensor], batch: int, num_patches: int, k: Tensor) -> Optional[Tensor]:
