@@ -1,6 +1,6 @@
 // The invariants every compiled entry point of the ops checks before it touches memory, shared by the
-// CPU (cpu/) and CUDA (cuda/ops_cuda.cpp) implementations: the only argument checks in csrc/. The public Python ops check the same
-// things first, with friendlier messages (aclip_kernels/ops/_checks.py); these checks are for
+// CPU (cpu/) and CUDA (cuda/ops_cuda.cpp) implementations: the only argument checks in csrc/. The
+// public Python ops check the same things first, with friendlier messages (aclip_kernels/ops/_checks.py); these checks are for
 // whoever calls torch.ops.aclip_kernels.* directly: no argument may make a kernel read or write
 // out of bounds. Shape errors raise ValueError, dtype errors TypeError (TORCH_CHECK_VALUE / _TYPE).
 #pragma once
@@ -67,9 +67,9 @@ struct MaskShape {
   int64_t Bx, P, D, Hs, Ws, Hg, Wg, block, Hu, Wu, N, U, num_units, M, Bs;
 };
 
-// The full contract of the attentive_mask op schema (see csrc/ops.cpp): x [Bx, P + Hg*Wg, D]; either
-// scores [Bs, Hs*Ws] or q [Bs, H, Dh] + k [Bs, H, P + Hs*Ws, Dh] (+ prior [Bs, Hs*Ws]); Bx a multiple
-// of Bs >= 1; grids of positive sides; block dividing the grid; 1 <= num_units <= units; boxes
+// The full contract of the attentive_mask op schema (aclip_kernels/ops/attentive_mask.py):
+// x [Bx, P + Hg*Wg, D]; either scores [Bs, Hs*Ws] or q [Bs, H, Dh] + k [Bs, H, P + Hs*Ws, Dh]
+// (+ prior [Bs, Hs*Ws]); Bx a multiple of Bs >= 1; grids of positive sides; block dividing the grid; 1 <= num_units <= units; boxes
 // [Bx, 4] of finite numbers (a value check: it synchronises with a CUDA device).
 inline MaskShape check_attentive_mask(const at::Tensor& x, const std::optional<at::Tensor>& scores,
                                       const std::optional<at::Tensor>& q, const std::optional<at::Tensor>& k,
