@@ -69,8 +69,9 @@ struct MaskShape {
 
 // The full contract of the attentive_mask op schema (aclip_kernels/ops/attentive_mask.py):
 // x [Bx, P + Hg*Wg, D]; either scores [Bs, Hs*Ws] or q [Bs, H, Dh] + k [Bs, H, P + Hs*Ws, Dh]
-// (+ prior [Bs, Hs*Ws]); Bx a multiple of Bs >= 1; grids of positive sides; block dividing the grid; 1 <= num_units <= units; boxes
-// [Bx, 4] of finite numbers (a value check: it synchronises with a CUDA device).
+// (+ prior [Bs, Hs*Ws]); Bx a multiple of Bs >= 1; grids of positive sides; block dividing the grid;
+// 1 <= num_units <= units; boxes [Bx, 4] of finite numbers (a value check: it synchronises with a
+// CUDA device).
 inline MaskShape check_attentive_mask(const at::Tensor& x, const std::optional<at::Tensor>& scores,
                                       const std::optional<at::Tensor>& q, const std::optional<at::Tensor>& k,
                                       const std::optional<at::Tensor>& prior, const std::optional<at::Tensor>& boxes,
