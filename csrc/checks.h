@@ -2,7 +2,8 @@
 // CPU (cpu/) and CUDA (cuda/ops_cuda.cpp) implementations: the only argument checks in csrc/. The
 // public Python ops check the same things first, with friendlier messages (aclip_kernels/ops/_checks.py);
 // these checks are for whoever calls torch.ops.aclip_kernels.* directly: no argument may make a
-// kernel read or write out of bounds. Shape errors raise ValueError, dtype errors TypeError (TORCH_CHECK_VALUE / _TYPE).
+// kernel read or write out of bounds. Shape errors raise ValueError, dtype errors TypeError
+// (TORCH_CHECK_VALUE / _TYPE).
 #pragma once
 
 #include <ATen/ATen.h>
