@@ -1,9 +1,9 @@
 """Pure-PyTorch reference of every op: the definition of the semantics.
 
 Every kernel (C++, CUDA, Triton) is tested against these functions. They are written to be read,
-not to be fast; each step is one of the numbered steps of ``attentive_mask`` in DESIGN.md, and the
-floating-point order of every step that feeds the selection (alignment, block pooling) is spelled
-out, because kernels must reproduce it bit for bit to select the same patches.
+not to be fast; each step is one of the numbered steps of ``attentive_mask`` in docs/design.md,
+section 4, and the floating-point order of every step that feeds the selection (alignment, block
+pooling) is spelled out, because kernels must reproduce it bit for bit to select the same patches.
 
 Shapes: B batch, P prefix tokens, N patch tokens, D width, H heads, Dh head dim, T = P + N,
 V views per image (x rows are view-major: row ``v * Bs + i`` is view ``v`` of image ``i``),
@@ -51,6 +51,18 @@ def cls_attention_ref(q: Tensor, k: Tensor, num_prefix_tokens: int = 1,
     dtype = torch.promote_types(q.dtype, torch.float32)
     logits = torch.einsum("bhd,bhtd->bht", q.to(dtype), k.to(dtype)) * scale
     return logits.softmax(dim=-1)[:, :, num_prefix_tokens:].mean(dim=1)
+
+
+def mean_query_attention_ref(attn: Tensor, num_prefix_tokens: int = 0) -> Tensor:
+    """The [CLS]-free "mean-query" score of one layer from its attention map.
+
+    attn [B, H, T, T] (softmax rows) -> [B, N] float32: ``mean_h softmax_t(mean_s log attn[b,h,s,t])[P:]``.
+    This is the attention row of the token-mean query q_mean = mean_s q_s: its logits q_mean . k_t are
+    the row mean of the logits, and log attn[s, t] differs from the logits only by a per-row constant,
+    which cancels in the softmax. So the rule is the renormalised geometric mean of all the rows.
+    """
+    dtype = torch.promote_types(attn.dtype, torch.float32)
+    return attn.to(dtype).log().mean(dim=2).softmax(dim=-1)[:, :, num_prefix_tokens:].mean(dim=1)
 
 
 def align_scores_ref(score_map: Tensor, boxes: Optional[Tensor], grid: Tuple[int, int]) -> Tensor:

@@ -12,7 +12,7 @@ from torch import Tensor
 from .reference import attentive_mask_ref, cls_attention_ref
 
 __all__ = ["MaskCase", "mask_cases", "make_mask_inputs", "assert_mask_matches_reference",
-           "CLS_ATTENTION_TOL", "random_boxes", "cls_attention_inputs", "assert_cls_attention_close", "requires_cuda"]
+           "CLS_ATTENTION_TOL", "random_boxes", "crop_views", "cls_attention_inputs", "assert_cls_attention_close", "requires_cuda"]
 
 # Tolerances of cls_attention against the fp32 reference, per input dtype (the kernels accumulate
 # in fp32; the inputs are what they are, so fp16/bf16 only change how q and k were rounded).
@@ -53,6 +53,21 @@ def random_boxes(rows: int, generator: torch.Generator, min_size: float = 0.5) -
     size = min_size + (1 - min_size) * torch.rand(rows, 2, generator=generator)
     origin = (1 - size) * torch.rand(rows, 2, generator=generator)
     return torch.cat([origin, size], dim=1)
+
+
+def crop_views(images: Tensor, boxes: Tensor, size: int) -> Tensor:
+    """images [B, C, H, W], boxes [V*B, 4] (y0, x0, h, w) as fractions of the image, rows view-major
+    (row v*B + i crops image i) -> the online views [V*B, C, size, size], bilinearly resampled."""
+    b, _, height, width = images.shape
+    rows = boxes.shape[0]
+    y0, x0, h, w = (boxes.to(images.dtype) * torch.tensor([height, width, height, width], dtype=images.dtype)).unbind(1)
+    theta = torch.zeros(rows, 2, 3, dtype=images.dtype)           # the affine map of each box, in [-1, 1] coordinates
+    theta[:, 0, 0], theta[:, 0, 2] = w / width, (2 * x0 + w) / width - 1
+    theta[:, 1, 1], theta[:, 1, 2] = h / height, (2 * y0 + h) / height - 1
+    source = images[torch.arange(rows) % b]
+    grid = torch.nn.functional.affine_grid(theta.to(images.device), [rows, images.shape[1], size, size],
+                                           align_corners=False)
+    return torch.nn.functional.grid_sample(source, grid, mode="bilinear", align_corners=False)
 
 
 def make_mask_inputs(case: MaskCase, device="cpu", seed: int = 0) -> dict:

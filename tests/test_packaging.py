@@ -6,6 +6,7 @@ import ast
 import importlib.metadata
 import importlib.util
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -56,6 +57,13 @@ def test_the_train_extra_declares_the_trainer_requirements():
     assert {_normalise(dist) for dist in _requirements.TRAIN_MODULES.values()} <= _declared("train")
     assert {"torch", "numpy"} <= _declared(None)
     assert {"timm", "open-clip-torch"} <= _declared("models")
+    assert {"transformers"} <= _declared("hf")
+
+
+def test_the_package_imports_without_the_model_libraries():
+    code = "import sys, aclip_kernels; print(sorted({'timm', 'open_clip', 'transformers'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_the_trainer_names_the_extra_when_a_package_is_missing(monkeypatch):

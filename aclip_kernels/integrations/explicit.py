@@ -53,6 +53,9 @@ def explicit_attention_scores(model: nn.Module, images: Tensor, layers: Union[st
     from explicit attention maps of the chosen layers ("all", "last" or indices), stacked as the
     official code does: ``stack(maps).mean(0)[:, :, 0, P:].mean(1)``."""
     tower, kind = _models.vision_tower(model)
+    if kind == _models.HF:
+        raise TypeError(f"explicit_attention_scores runs timm / open_clip ViTs; for {type(tower).__name__} "
+                        "use the model's own eager maps (set_attn_implementation('eager'), output_attentions=True)")
     run = tower if kind != TIMM else model
     depth = len(_models.blocks(tower, kind))
     indices = list(range(depth)) if layers == "all" else [depth - 1] if layers == "last" else list(layers)

@@ -206,7 +206,7 @@ def masking(model: nn.Module, scores: Optional[Tensor] = None, boxes: Optional[T
     modules = _patched_modules(model)
     if not modules:
         raise ValueError(f"{type(model).__name__} has no AttentivePatchDropout; patch it first with "
-                         "patch_timm_vit(model) or patch_open_clip(model)")
+                         "patch_timm_vit(model), patch_open_clip(model) or patch_hf_clip(model)")
     state = MaskingState(mode=mode, keep=keep, block=block, scores=scores, boxes=boxes,
                          grid=None if grid is None else (int(grid[0]), int(grid[1])), generator=generator)
     previous = [m._masking for m in modules]
@@ -220,22 +220,35 @@ def masking(model: nn.Module, scores: Optional[Tensor] = None, boxes: Optional[T
 
 
 def patch_timm_vit(model: nn.Module) -> nn.Module:
-    """Replace ``model.patch_drop`` of a timm VisionTransformer with an AttentivePatchDropout
-    (same prob / prefix / ordering); in place, idempotent. Returns ``model``."""
+    """Replace ``model.patch_drop`` of a timm VisionTransformer or Eva (EVA-CLIP, EVA-02) with an
+    AttentivePatchDropout (same prob / prefix / ordering); in place, idempotent. Returns ``model``.
+    Eva gets the WithIndices flavour (its ``patch_drop`` may be None): Eva gathers its rope
+    embedding with the kept indices, so the kept tokens keep their rope positions."""
     if not _models.is_timm_vit(model):
-        raise TypeError(f"{type(model).__name__} is not a timm VisionTransformer (no .patch_drop)")
+        raise TypeError(f"{type(model).__name__} is not a timm VisionTransformer or Eva (no .patch_drop)")
     if not isinstance(model.patch_drop, AttentivePatchDropout):
-        model.patch_drop = AttentivePatchDropout.from_timm(
-            model.patch_drop, model.num_prefix_tokens, grid=tuple(model.patch_embed.grid_size))
+        grid = tuple(model.patch_embed.grid_size)
+        if _models.is_eva(model):
+            drop = model.patch_drop
+            model.patch_drop = AttentivePatchDropoutWithIndices(
+                getattr(drop, "prob", 0.0), model.num_prefix_tokens, getattr(drop, "ordered", False), grid=grid)
+        else:
+            model.patch_drop = AttentivePatchDropout.from_timm(model.patch_drop, model.num_prefix_tokens, grid=grid)
+        model.patch_drop.train(model.training)          # a model patched in eval mode stays in eval mode
     return model
 
 
 def patch_open_clip(model: nn.Module) -> nn.Module:
     """Replace the ``patch_dropout`` of an open_clip VisionTransformer (or of a CLIP model's
-    ``.visual``) with an AttentivePatchDropout (same prob); in place, idempotent. Returns ``model``."""
+    ``.visual``) with an AttentivePatchDropout (same prob); in place, idempotent. Returns ``model``.
+    A CLIP model with a timm tower (``.visual.trunk``, e.g. SigLIP) gets ``patch_timm_vit(trunk)``."""
     tower, kind = _models.vision_tower(model)
+    if kind == _models.TIMM and tower is not model:
+        patch_timm_vit(tower)
+        return model
     if kind != _models.OPEN_CLIP:
         raise TypeError(f"{type(model).__name__} is not an open_clip VisionTransformer or CLIP model")
     if not isinstance(tower.patch_dropout, AttentivePatchDropout):
         tower.patch_dropout = AttentivePatchDropout.from_open_clip(tower.patch_dropout, grid=tuple(tower.grid_size))
+        tower.patch_dropout.train(tower.training)
     return model

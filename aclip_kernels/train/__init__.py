@@ -3,8 +3,8 @@
 Run it as ``python -m aclip_kernels.train --method aclip --data embedded ...`` (see ``__main__``),
 or under ``torchrun`` for DDP. Modules: ``embedded`` (the offline dataset), ``data`` (CSV,
 WebDataset, batching, data position), ``augment`` (three-crop), ``losses``, ``model``, ``optim``,
-``checkpoint``, ``metrics`` (the jsonl log), ``errors``, ``loop`` (``train(TrainConfig)``),
-``evaluate``, ``visualize``.
+``checkpoint``, ``metrics`` (the jsonl log), ``errors``, ``config`` (``TrainConfig`` and its flags),
+``step`` (one optimiser step), ``loop`` (``train(TrainConfig)``), ``evaluate``, ``visualize``.
 
 Defects of the published A-CLIP code fixed here: the SimCLR term compared view 1 with itself
 (``losses``); the EMA crop's left edge was ``min(left1, height2)``, and its extent was drawn before
@@ -14,7 +14,8 @@ from ._requirements import check_requirements
 
 check_requirements()
 
+from .config import TrainConfig  # noqa: E402
 from .errors import NonFiniteLoss, Stopped, UserError  # noqa: E402
-from .loop import CHECKPOINT, TrainConfig, train  # noqa: E402
+from .loop import CHECKPOINT, train  # noqa: E402
 
 __all__ = ["TrainConfig", "train", "NonFiniteLoss", "UserError", "Stopped", "CHECKPOINT"]

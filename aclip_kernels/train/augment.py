@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from typing import Dict, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -154,7 +155,6 @@ def color_augment(img: Tensor, g: torch.Generator, strength: float = 1.0) -> Ten
 def to_tensor(image) -> Tensor:
     """uint8 HWC numpy / PIL -> float [3, H, W] in 0..1."""
     if not isinstance(image, Tensor):
-        import numpy as np
         image = torch.from_numpy(np.array(image, dtype=np.uint8))
     if image.ndim == 2:
         image = image[..., None].expand(-1, -1, 3)

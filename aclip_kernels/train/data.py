@@ -33,10 +33,13 @@ import csv
 import glob
 import io
 import os
+import zlib
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
+import braceexpand
 import numpy as np
 import torch
+import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
@@ -235,7 +238,6 @@ def expand_shards(spec) -> List[str]:
     """A list, comma-separated string, brace pattern or directory of .tar shards -> sorted paths.
     Raises ``DataError`` when there are none or a local one does not exist (URLs and ``pipe:``
     specs are not checked)."""
-    import braceexpand
     specs = spec if isinstance(spec, (list, tuple)) else str(spec).split(",")
     out = []
     for s in specs:
@@ -296,7 +298,6 @@ class WebDatasetStream(IterableDataset):
         """(epoch, sample key, image, caption, skipped) of this rank, bad samples counted. Raises
         ``DataError`` after more than ``MAX_BAD_IN_A_ROW`` bad samples in a row, or a pass over the
         shards without a good one."""
-        import webdataset as wds
         split_shards = len(self.shards) >= self.world
         mine = self.shards[self.rank::self.world] if split_shards else self.shards
         bad, last = 0, None
@@ -352,7 +353,6 @@ class WebDatasetStream(IterableDataset):
 
 
 def hash_key(key: str) -> int:
-    import zlib
     return zlib.crc32(key.encode("utf-8"))
 
 

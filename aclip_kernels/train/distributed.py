@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.nn.functional import all_gather
 
 __all__ = ["DistInfo", "init_distributed", "is_dist", "rank", "world_size", "all_reduce_mean",
            "all_reduce_sum", "gather_with_grad", "barrier"]
@@ -65,7 +66,6 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     rank's slice (``torch.distributed.nn.functional.all_gather``). Identity on one process."""
     if not is_dist():
         return x
-    from torch.distributed.nn.functional import all_gather
     return torch.cat(all_gather(x), 0)
 
 

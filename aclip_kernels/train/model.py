@@ -12,13 +12,17 @@ and passed in.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import pathlib
 from typing import Dict, Optional
 
+import open_clip
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..integrations import masking
 from . import losses
 
 __all__ = ["METHODS", "VIEWS", "MASKS", "LOSSES", "register_model_configs", "known_model", "build_clip", "MLPHead",
@@ -34,22 +38,18 @@ def register_model_configs() -> None:
     """Add ``model_configs/*.json`` to open_clip's model registry (idempotent)."""
     global _registered
     if not _registered:
-        import open_clip
         open_clip.add_model_config(CONFIG_DIR)
         _registered = True
 
 
 def known_model(name: str) -> bool:
     """Whether ``build_clip`` has a config for ``name`` (hub and local-dir references are trusted)."""
-    import open_clip
     register_model_configs()
     return name.startswith(("hf-hub:", "local-dir:")) or name in open_clip.list_models()
 
 
 def build_clip(name: str, image_size: Optional[int] = None):
     """(open_clip model, tokenizer) with random weights. image_size overrides the config's."""
-    import logging
-    import open_clip
     register_model_configs()
     level = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)  # "No pretrained weights loaded" is intended
@@ -128,7 +128,6 @@ class TrainModel(nn.Module):
         [b, 3, S, S] (clip, flip, slip), "view1"/"view2" [b, 3, S, S] (slip, aclip*), "boxes"
         [2b, 4] view-major (aclip*). scores: [b, Ns] EMA patch scores; ema_target: [b, ssl_dim]
         EMA projector output (aclip*). Returns {"loss": scalar, and each term}."""
-        from aclip_kernels.integrations import masking
         clip, method = self.clip, self.method
         scale = clip.logit_scale.exp()
         text = self._text(batch["text"])
@@ -167,8 +166,6 @@ class TrainModel(nn.Module):
     def _variant_forward(self, batch, scores, ema_target, text, scale) -> Dict[str, Tensor]:
         """The ablation variants (``set_variant``): 1 or 2 views, attentive / random / no mask,
         full or CLIP-only loss. Random masking draws from torch's global generator."""
-        import contextlib
-        from aclip_kernels.integrations import masking
         clip, b, v = self.clip, batch["view1"].shape[0], self.views
         views = batch["view1"] if v == 1 else torch.cat([batch["view1"], batch["view2"]])
         if self.mask == "attentive":

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.profiler import record_function
 
+from .. import integrations as ak
 from .model import TrainModel, build_clip, image_size_of
 from .optim import make_optimizer, make_scheduler
 
@@ -52,7 +53,6 @@ class StepState:
 def build_step(cfg, device) -> StepState:
     """Model, EMA, scorer, optimiser and schedule of ``cfg`` on ``device`` (seeded with cfg.seed:
     identical initial weights on every rank)."""
-    from aclip_kernels import integrations as ak
     device = torch.device(device)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")  # bf16: no loss scaling
     aclip = cfg.method in ("aclip", "aclip-eff")
@@ -100,7 +100,6 @@ def apply_update(state: StepState, step: int) -> Tuple[float, Optional[float]]:
     """The optimiser part of step ``step`` (0-based): grad clip, AdamW, zero_grad, lr schedule,
     logit-scale clamp (open_clip's [0, ln 100]), EMA update with the cosine momentum (aclip*).
     Returns (the lr used, the EMA momentum or None)."""
-    from aclip_kernels import integrations as ak
     cfg = state.cfg
     with record_function("step/optimizer"):
         if cfg.grad_clip:

@@ -1,6 +1,7 @@
 """``python -m aclip_kernels.train`` on hostile input: a bad flag, data source or checkpoint is one
 ``error:`` line and exit status 2, never a traceback; a planted pickle does not run; an unusable
 tar and a SIGTERM while loading end the process promptly."""
+import dataclasses
 import os
 import pickle
 import re
@@ -12,8 +13,8 @@ import time
 import pytest
 import torch
 
-from aclip_kernels.train import CHECKPOINT
-from aclip_kernels.train.__main__ import main, parse_args
+from aclip_kernels.train import CHECKPOINT, TrainConfig
+from aclip_kernels.train.__main__ import main, parse_args, parser, summary
 
 TINY = ["--model", "ACLIP-Test", "--method", "clip", "--batch-size", "8", "--steps", "1", "--classes", "4",
         "--samples-per-class", "8", "--ssl-dim", "16", "--ssl-hidden", "32", "--workers", "0", "--threads", "1",
@@ -106,3 +107,31 @@ def test_sigterm_while_loading_data_stops_cleanly(tmp_path):
     assert proc.returncode == 0
     assert err.splitlines() == ["stopped: SIGTERM during start-up, before the first step: nothing to save"]
     assert not os.path.exists(tmp_path / "out" / CHECKPOINT)
+
+
+def test_every_field_has_a_flag_with_help_and_its_default_shown_once():
+    actions = {a.dest: a for a in parser()._actions}
+    for f in dataclasses.fields(TrainConfig):
+        if f.metadata["flag"] is False:
+            assert f.name not in actions
+            continue
+        a = actions[f.name]
+        assert a.help and a.default == f.default, f.name
+        assert a.help.count("default") <= 1, a.help
+        if not isinstance(f.default, bool):
+            assert "(default: " in a.help, f.name
+        if f.metadata["choices"]:
+            assert tuple(a.choices) == tuple(f.metadata["choices"])
+    assert set(actions) - {"help"} == {f.name for f in dataclasses.fields(TrainConfig) if f.metadata["flag"] is not False}
+    assert parse_args([]) == TrainConfig()
+
+
+def test_summary_prints_timing_apart_from_the_deterministic_results():
+    result = {"status": "done", "step": 2, "losses": [2.0, 1.0], "mean_step_time": 0.5, "skipped": 0,
+              "checkpoint": "out/checkpoint.pt", "metrics": {"zeroshot_top1": 0.5, "zeroshot_chance": 0.25,
+                                                             "zeroshot_classes": 4}}
+    lines = summary(TrainConfig(), result, 12.0).splitlines()
+    timing = lines.index("timing (machine-dependent):")
+    assert any("zero-shot top-1: 50.0%" in line for line in lines[:timing])
+    assert not any("time" in line for line in lines[:timing])
+    assert "mean step time: 500.0 ms" in lines[timing + 1] and "wall time: 12 s" in lines[timing + 1]

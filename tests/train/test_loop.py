@@ -154,6 +154,19 @@ def test_checkpoints_hold_only_tensors_and_plain_containers(tmp_path):
         ckpt.load(str(tmp_path / "empty.pt"))
 
 
+def test_a_checkpoint_with_the_old_grad_scaler_entry_resumes(tmp_path):
+    # checkpoints written before the always-disabled GradScaler was removed carry its state_dict
+    full = train(tiny(tmp_path / "full", method="clip", steps=2))
+    train(tiny(tmp_path / "part", method="clip", steps=2, stop_after=1))
+    path = str(tmp_path / "part" / CHECKPOINT)
+    state = ckpt.load(path)
+    state["scaler"] = torch.amp.GradScaler("cpu", enabled=False).state_dict()
+    ckpt.save_atomic(state, path)
+    rest = train(tiny(tmp_path / "part", method="clip", steps=2, resume=True))
+    assert rest["losses"] == full["losses"][1:]
+    assert "scaler" not in torch.load(path, weights_only=True)
+
+
 def test_resume_logs_each_step_once_and_removes_stale_temporary_files(tmp_path):
     cfg = tiny(tmp_path, method="clip", steps=2)
     train(cfg)
