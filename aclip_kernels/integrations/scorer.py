@@ -48,7 +48,7 @@ class _Accumulator:
 
     def add(self, q: Tensor, k: Tensor, scale: float) -> None:
         self.scores = cls_attention(q, k, num_prefix_tokens=self.prefix, scale=scale, prior=self.scores,
-                                    backend=self.backend)
+                                    backend=self.backend).float()
         self.layers += 1
 
 
