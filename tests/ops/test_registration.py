@@ -43,6 +43,16 @@ def test_triton_op_has_the_same_schema(name):
     assert str(op._schema) == f"{NAMESPACE}::{name}_triton{OPS[name]}"
 
 
+@pytest.mark.skipif(TRITON_MISSING is not None, reason=f"{TRITON_MISSING}")
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_triton_op_exposes_its_kernel(name):
+    """torch.compile's caches key a triton_op on the kernels it finds in the op's body: the launcher
+    called from ops/<op>.py must lead it to the kernel (torch versions that record them)."""
+    record = getattr(importlib.import_module("torch._library.triton"), "get_triton_kernels_for_op", None)
+    if record is not None:
+        assert len(record(f"{NAMESPACE}::{name}_triton")) == 1
+
+
 def test_csrc_defines_no_schema():
     """The C++ sources register implementations only (TORCH_LIBRARY_IMPL), never a schema."""
     for path in sorted((ROOT / "csrc").rglob("*")):
