@@ -111,8 +111,8 @@ wheel: $(VENV)/.deps
 # needs timm, open_clip, torchvision or triton) run from build/, on the installed package.
 SYSTEM_CMAKE ?= /usr/bin/cmake
 .PHONY: test-install-cpu test-install-cuda-cmake
-OP_TESTS := $(addprefix ../tests/,test_ops.py test_parity_cpu.py test_errors.py test_reference.py \
-	test_integrations_ema.py test_cuda.py)
+OP_TESTS := $(addprefix ../tests/,ops/test_attentive_mask.py ops/test_cls_attention.py ops/test_random_mask.py \
+	ops/test_dispatch.py ops/test_errors.py ops/test_reference.py integrations/test_ema.py ops/test_cuda.py)
 
 # CPU-only torch 2.13 in a fresh .venv-cpu213: pip install --no-build-isolation . with the system
 # CMake and Ninja; `info` must show the compiled CPU kernels as the default.

@@ -52,8 +52,8 @@ step "GPU tests"
 # tests over processes when pytest-xdist is there (the H200 image has it)
 parallel=""; [ "$DEVICE" = cuda ] && $PY -c "import xdist" 2>/dev/null && parallel="-n 8"
 # shellcheck disable=SC2086
-timeout 240 $PY -m pytest -q -p no:cacheprovider -x $parallel tests/test_cuda.py tests/test_triton.py \
-  tests/test_parity_cpu.py || status=1
+timeout 240 $PY -m pytest -q -p no:cacheprovider -x $parallel tests/ops/test_cuda.py tests/ops/test_triton.py \
+  tests/ops/test_attentive_mask.py tests/ops/test_cls_attention.py || status=1
 
 step "op suite (pytest-benchmark; on a GPU: CUDA events, L2 flushed before every call)"
 # shellcheck disable=SC2086

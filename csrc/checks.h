@@ -1,8 +1,9 @@
 // The invariants every compiled entry point of the ops checks before it touches memory, shared by the
-// CPU (cpu/) and CUDA (cuda/ops_cuda.cpp) implementations. The public Python ops check the same
-// things first, with friendlier messages (aclip_kernels/ops/_checks.py); these checks are for
-// whoever calls torch.ops.aclip_kernels.* directly: no argument may make a kernel read or write
-// out of bounds. Shape errors raise ValueError, dtype errors TypeError (TORCH_CHECK_VALUE / _TYPE).
+// CPU (cpu/) and CUDA (cuda/ops_cuda.cpp) implementations: the only argument checks in csrc/. The
+// public Python ops check the same things first, with friendlier messages (aclip_kernels/ops/_checks.py);
+// these checks are for whoever calls torch.ops.aclip_kernels.* directly: no argument may make a
+// kernel read or write out of bounds. Shape errors raise ValueError, dtype errors TypeError
+// (TORCH_CHECK_VALUE / _TYPE).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -34,6 +35,12 @@ inline void check_same_device(const char* op, const char* name, const at::Tensor
                     ref.device(), "; all tensors must be on one device");
 }
 
+// A tensor on the device type a kernel runs on (the dispatcher picks the implementation from all tensors).
+inline void check_device_type(const char* op, const char* name, const at::Tensor& t, c10::DeviceType type) {
+  TORCH_CHECK(t.device().type() == type, op, ": ", name, " is on ", t.device(), "; this kernel needs ",
+              c10::DeviceTypeName(type), " tensors");
+}
+
 struct ClsAttentionShape {
   int64_t B, H, T, Dh, P, N;
 };
@@ -54,6 +61,7 @@ inline ClsAttentionShape check_cls_attention(const at::Tensor& q, const at::Tens
                     k.sizes(), " must match q ", q.sizes(), " in batch, heads (>= 1) and head dim (>= 1)");
   TORCH_CHECK_VALUE(s.P >= 0 && s.N >= 1 && s.T <= kMaxSide, op, ": num_prefix_tokens=", s.P,
                     " must be in [0, T) for k ", k.sizes());
+  TORCH_CHECK_VALUE(s.B <= kMaxSide && s.H <= kMaxSide && s.Dh <= kMaxSide, op, ": shapes too large: k ", k.sizes());
   if (prior.has_value()) {
     check_floating(op, "prior", *prior);
     check_same_device(op, "prior", *prior, q);
@@ -67,10 +75,11 @@ struct MaskShape {
   int64_t Bx, P, D, Hs, Ws, Hg, Wg, block, Hu, Wu, N, U, num_units, M, Bs;
 };
 
-// The full contract of the attentive_mask op schema (see csrc/ops.cpp): x [Bx, P + Hg*Wg, D]; either
-// scores [Bs, Hs*Ws] or q [Bs, H, Dh] + k [Bs, H, P + Hs*Ws, Dh] (+ prior [Bs, Hs*Ws]); Bx a multiple
-// of Bs >= 1; grids of positive sides; block dividing the grid; 1 <= num_units <= units; boxes
-// [Bx, 4] of finite numbers (a value check: it synchronises with a CUDA device).
+// The full contract of the attentive_mask op schema (aclip_kernels/ops/attentive_mask.py):
+// x [Bx, P + Hg*Wg, D]; either scores [Bs, Hs*Ws] or q [Bs, H, Dh] + k [Bs, H, P + Hs*Ws, Dh]
+// (+ prior [Bs, Hs*Ws]); Bx a multiple of Bs >= 1; grids of positive sides; block dividing the grid;
+// 1 <= num_units <= units; boxes [Bx, 4] of finite numbers (a value check: it synchronises with a
+// CUDA device).
 inline MaskShape check_attentive_mask(const at::Tensor& x, const std::optional<at::Tensor>& scores,
                                       const std::optional<at::Tensor>& q, const std::optional<at::Tensor>& k,
                                       const std::optional<at::Tensor>& prior, const std::optional<at::Tensor>& boxes,
