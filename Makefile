@@ -47,31 +47,56 @@ test-torch211:
 		TORCH_CUDA_ARCH_LIST=9.0 PYTEST_ARGS='-k "not under_asan"'
 
 
-# `make bench`: every benchmark on this machine, results (JSON + markdown + plots) under $(BENCH_OUT):
-# the op sweep (3 ViT shapes x batch 64/256 x fp32/bf16 x fwd/fwd+bwd), cls_attention, the EMA
-# scorer, and the training-step table (ACLIP-Tiny at its demo batch; ViT-B-16 at a small batch).
-# About 25 minutes on 2 CPU cores. Size it down, e.g.:
-#   make bench BENCH_ROUNDS=2 BENCH_BATCHES=64 BENCH_STEP_ROUNDS=2 BENCH_VIT=0
+# `make bench`: every benchmark on this machine, results under $(BENCH_OUT): the op suite
+# (pytest-benchmark; its JSON is kept as ops_$(BENCH_DEVICE).json and rendered to .md/.png by
+# benchmarks/render.py), the EMA scorer, and the training-step table (ACLIP-Tiny at its demo batch;
+# ViT-B-16 at a small batch). BENCH_FULL=1: the op suite's ViT sweep (3 shapes x 64/256 images x
+# fp32/bf16). Size it down, e.g.:  make bench BENCH_ROUNDS=2 BENCH_STEP_ROUNDS=2 BENCH_VIT=0
 BENCH_OUT ?= benchmarks/results
 BENCH_DEVICE ?= cpu
 BENCH_ROUNDS ?= 3
-BENCH_BATCHES ?= 64,256
+BENCH_FULL ?= 0
 BENCH_STEP_ROUNDS ?= 3
 BENCH_VIT ?= 1
 BENCH_VIT_BATCH ?= 4
 BENCH_VIT_SIZE ?= 224
 BENCH_THREADS ?= 1
+OPS_OPTIONS = --benchmark-only -q -p no:cacheprovider --bench-devices=$(BENCH_DEVICE) --bench-rounds=$(BENCH_ROUNDS)
 
 bench: install
-	$(PY) benchmarks/bench_mask.py --sweep --device $(BENCH_DEVICE) --rounds $(BENCH_ROUNDS) --inner 1 \
-		--batches $(BENCH_BATCHES) --out $(BENCH_OUT)
-	$(PY) benchmarks/bench_cls_attention.py --device $(BENCH_DEVICE) --batch 64 --out $(BENCH_OUT)
+	ACLIP_BENCH_FULL=$(BENCH_FULL) $(PY) -m pytest benchmarks/ops $(OPS_OPTIONS) --benchmark-json=$(BENCH_OUT)/ops_$(BENCH_DEVICE).json
+	$(PY) benchmarks/render.py $(BENCH_OUT)/ops_$(BENCH_DEVICE).json --out $(BENCH_OUT)
 	$(PY) benchmarks/bench_scorer.py --device $(BENCH_DEVICE) --repeats $(BENCH_ROUNDS) --micro-batch 4 --out $(BENCH_OUT)
 	$(PY) benchmarks/bench_step.py --device $(BENCH_DEVICE) --model ACLIP-Tiny --batch 64 \
 		--rounds $$(( 2 * $(BENCH_STEP_ROUNDS) )) --inner 2 --profile-steps 3 --threads $(BENCH_THREADS) --out $(BENCH_OUT)
 	if [ "$(BENCH_VIT)" != 0 ]; then $(PY) benchmarks/bench_step.py --device $(BENCH_DEVICE) --model ViT-B-16 \
 		--batch $(BENCH_VIT_BATCH) --image-size $(BENCH_VIT_SIZE) --rounds $(BENCH_STEP_ROUNDS) --warmup 1 \
 		--threads $(BENCH_THREADS) --out $(BENCH_OUT); fi
+
+# `make bench-compare BASE=<git ref>`: the op suite of this tree against the library built at BASE
+# and at HEAD, each from a git worktree under $(COMPARE_DIR) with its own CMake build folder and its
+# own venv (seeing $(VENV)'s packages through a .pth file); then pytest-benchmark's comparison and
+# a rendered table + plot in $(COMPARE_DIR). The same benchmark code times both libraries.
+BASE ?= main
+HEAD_REF ?= HEAD
+COMPARE_DIR ?= build/bench-compare
+.PHONY: bench-compare
+bench-compare: $(VENV)/.deps
+	set -e; for side in base head; do \
+		if [ $$side = base ]; then ref=$(BASE); else ref=$(HEAD_REF); fi; \
+		dir=$(COMPARE_DIR)/$$side; rm -rf $$dir/src; git worktree prune; mkdir -p $$dir; \
+		git worktree add -q --detach $$dir/src $$ref; \
+		test -x $$dir/venv/bin/python || $(PYTHON) -m venv --without-pip $$dir/venv; \
+		echo "$(CURDIR)/$(VENV)/lib/$(SITE)/site-packages" > $$dir/venv/lib/$(SITE)/site-packages/main-venv.pth; \
+		SKBUILD_BUILD_DIR=$(CURDIR)/$$dir/build $(PY) -m pip --python $$dir/venv/bin/python install -q \
+			--no-build-isolation --no-deps --force-reinstall $$dir/src; \
+		(cd $(COMPARE_DIR) && ACLIP_BENCH_LABEL="$$ref ($$(git rev-parse --short $$ref))" $(CURDIR)/$$dir/venv/bin/python -m pytest $(CURDIR)/benchmarks/ops $(OPS_OPTIONS) \
+			--rootdir=$(CURDIR) --benchmark-json=$$side.json); \
+		git worktree remove --force $$dir/src; \
+	done
+	$(PY) -c "import sys; from pytest_benchmark.cli import main; sys.argv[0] = 'pytest-benchmark'; main()" \
+		compare $(COMPARE_DIR)/base.json $(COMPARE_DIR)/head.json --group-by=group --columns=min,median,iqr,rounds
+	$(PY) benchmarks/render.py $(COMPARE_DIR)/base.json $(COMPARE_DIR)/head.json --out $(COMPARE_DIR) --name compare
 
 # `make wheel`: an sdist and a wheel in $(DIST). The wheel is built from the unpacked sdist in a
 # fresh folder (which proves the sdist complete) against this venv's torch, and requires its
@@ -86,8 +111,8 @@ wheel: $(VENV)/.deps
 # needs timm, open_clip, torchvision or triton) run from build/, on the installed package.
 SYSTEM_CMAKE ?= /usr/bin/cmake
 .PHONY: test-install-cpu test-install-cuda-cmake
-OP_TESTS := $(addprefix ../tests/,test_ops.py test_parity_cpu.py test_errors.py test_reference.py \
-	test_integrations_ema.py test_cuda.py)
+OP_TESTS := $(addprefix ../tests/,ops/test_attentive_mask.py ops/test_cls_attention.py ops/test_random_mask.py \
+	ops/test_dispatch.py ops/test_errors.py ops/test_reference.py integrations/test_ema.py ops/test_cuda.py)
 
 # CPU-only torch 2.13 in a fresh .venv-cpu213: pip install --no-build-isolation . with the system
 # CMake and Ninja; `info` must show the compiled CPU kernels as the default.

@@ -1,7 +1,7 @@
 """Loading the compiled op library (``aclip_kernels._C``) and reporting what it was built with.
 
-The library registers the ``aclip_kernels::*`` ops with ``TORCH_LIBRARY`` when it is imported, which
-happens once, when this module is imported. If it is missing, or was built against another torch,
+The library registers its CPU and CUDA implementations of the ``aclip_kernels::*`` ops (whose
+schemas aclip_kernels/ops/ defines) when it is imported, which happens once, when this module is imported. If it is missing, or was built against another torch,
 the package warns once and the ops run on the pure-PyTorch reference: never a crash, never a
 silently wrong result. An install built without it on purpose (``ACLIP_KERNELS_BUILD_EXT=OFF``)
 does not warn.

@@ -14,24 +14,24 @@ import torch
 
 from ._library import LOAD_ERROR, compiled_backends
 
-__all__ = ["BACKENDS", "ENV_VAR", "available_backends", "resolve_backend"]
+__all__ = ["BACKENDS", "ENV_VAR", "TRITON_MISSING", "available_backends", "resolve_backend"]
 
 BACKENDS = ("torch", "cpu", "cuda", "triton")
 ENV_VAR = "ACLIP_KERNELS_BACKEND"
 
 
 if importlib.util.find_spec("triton") is None:
-    _TRITON_MISSING: Optional[str] = "the triton package is not installed"
+    TRITON_MISSING: Optional[str] = "the triton package is not installed"
 elif importlib.util.find_spec("aclip_kernels.triton") is None:
-    _TRITON_MISSING = "this build of aclip_kernels has no Triton kernels"
+    TRITON_MISSING = "this build of aclip_kernels has no Triton kernels"
 else:
-    _TRITON_MISSING = None
+    TRITON_MISSING = None
 
 
 def _triton_usable(device: torch.device) -> Optional[str]:
     """None when the Triton backend can run on ``device``, else the reason it cannot."""
-    if _TRITON_MISSING is not None:
-        return _TRITON_MISSING
+    if TRITON_MISSING is not None:
+        return TRITON_MISSING
     if device.type == "cuda":
         return None
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":

@@ -30,7 +30,7 @@ def aclip_published_mask(x: Tensor, scores: Tensor, boxes: Tensor, keep_blocks: 
     for i in range(bx):                                   # the published per-sample loop
         full = F.interpolate(scores[i % bs].view(1, 1, side, side), size=ema_pixels, mode="bilinear",
                              align_corners=False)
-        y0, x0, h, w = (boxes[i] * torch.tensor([ema_pixels[0], ema_pixels[1]] * 2)).round().long().tolist()
+        y0, x0, h, w = (boxes[i].cpu() * torch.tensor([ema_pixels[0], ema_pixels[1]] * 2)).round().long().tolist()
         crop = full[:, :, y0:y0 + max(h, 1), x0:x0 + max(w, 1)]
         maps.append(F.interpolate(crop, size=(grid, grid), mode="bilinear", align_corners=False))
     cell_scores = torch.cat(maps)                          # [Bx, 1, grid, grid]

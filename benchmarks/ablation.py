@@ -59,6 +59,8 @@ from typing import Dict, List
 import numpy as np
 import torch
 
+from aclip_kernels.benchmarking import cpu_info, pyplot, save_figure, write_json
+
 SETTINGS = {  # key: (label, views, mask, paper IN-1K zero-shot, ViT-B/16 YFCC-15M)
     "none-1v": ("no mask, 1 view, 100%", 1, "none", 37.6),
     "random-1v": ("random mask, 1 view, 50%", 1, "random", 35.0),
@@ -307,13 +309,7 @@ MERGE_KEYS = ("model", "steps", "batch_size", "settings", "keep", "block", "obje
 
 
 def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpu, cores = cpu_info()
     return {"cpu": cpu, "cores": cores, "platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "device": "cpu", "dtype": "float32"}
 
@@ -437,9 +433,7 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     keys = list(result["settings"])
     labels = [result["settings"][k]["label"].replace(", ", "\n", 1) for k in keys]
     panels = [("zero-shot top-1 (%)", "zeroshot_top1"), ("i2t R@1 (%)", "i2t_r@1"), ("t2i R@1 (%)", "t2i_r@1"),
@@ -481,20 +475,15 @@ def plot(result: dict, path: str) -> None:
     ax.set_xticklabels(labels, fontsize=6.5, rotation=30, ha="right")
     ax.set_title("zero-shot minus no mask, same seed (pts)", fontsize=9)
     a = result["args"]
-    fig.suptitle(f"A-CLIP masking ablation, embedded set, {a['model']}, {a['steps']} steps x {a['batch_size']}, "
-                 f"seeds {a['seeds']} (mean ± std, dots: seeds){' — PARTIAL' if result['partial'] else ''}",
-                 fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, f"A-CLIP masking ablation, embedded set, {a['model']}, {a['steps']} steps x "
+                f"{a['batch_size']}, seeds {a['seeds']} (mean ± std, dots: seeds) — "
+                f"{result.get('meta', {}).get('machine', {}).get('cpu', 'CPU')}"
+                f"{' — PARTIAL' if result['partial'] else ''}")
 
 
 def write(result: dict, out: str, with_plot: bool) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + ".json.tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, out + ".json")
+    write_json(out + ".json", result)
     with open(out + ".md", "w") as f:
         f.write(markdown(result))
     if with_plot and result["runs"]:

@@ -25,7 +25,6 @@ scorer / plain time <= 1.05x, scorer faster than explicit, explicit / micro-batc
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 import warnings
@@ -36,14 +35,12 @@ import torch
 import aclip_kernels
 from aclip_kernels import EMAScorer
 from aclip_kernels.benchmarking import environment as bench_environment
-from aclip_kernels.benchmarking import peak_bytes, synchronize
+from aclip_kernels.benchmarking import DTYPES, RESULTS, peak_bytes, synchronize, write_json
 from aclip_kernels.integrations.explicit import explicit_attention_scores
 
-RESULTS = Path(__file__).resolve().parent / "results"
 MEMORY_RATIO_MIN = 5.0
 MEMORY_RATIO_TARGET = 10.0
 TIME_RATIO_TARGET = 1.05
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build(kind: str, device, dtype=torch.float32) -> torch.nn.Module:
@@ -189,7 +186,7 @@ def run(models=("timm", "open_clip"), batch=16, repeats=3, memory_only=False, ta
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         stem = out / f"scorer_{tag}"
-        stem.with_suffix(".json").write_text(json.dumps({"environment": env, "results": results}, indent=2) + "\n")
+        write_json(stem.with_suffix(".json"), {"environment": env, "results": results})
         stem.with_suffix(".md").write_text(markdown(results, env))
     print(markdown(results, env))
     for r in results:

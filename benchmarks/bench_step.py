@@ -47,9 +47,7 @@ from typing import Dict, List
 
 import torch
 
-from aclip_kernels.benchmarking import environment, peak_bytes, synchronize
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from aclip_kernels.benchmarking import RESULTS, environment, peak_bytes, pyplot, save_figure, synchronize, write_json
 METHODS = ("clip", "flip", "aclip", "aclip-eff", "slip")
 # The A-CLIP paper (ViT-B/16, YFCC-15M, Table 6): training time and GPU memory relative to CLIP.
 PAPER_TIME = {"clip": 1.00, "slip": 2.67, "aclip": 1.16, "aclip-eff": 0.86}
@@ -270,7 +268,6 @@ def measure(args) -> dict:
             row["masking_share"] = p.get("masking_share_device", p["masking_share_cpu"])
     size = runners[args.methods[0]].state.size
     env = environment(device)
-    env["machine"] = machine(device)
     env["shared_machine"] = args.shared_note
     config = {"model": args.model, "batch": args.batch, "image_size": size, "precision": _precision(args, device),
               "dtype_online": "bfloat16 autocast" if _precision(args, device) == "bf16" else "float32",
@@ -283,24 +280,6 @@ def measure(args) -> dict:
     result = {"environment": env, "config": config, "results": list(rows.values())}
     result["targets"] = targets(rows)
     return result
-
-
-def machine(device) -> str:
-    """The CPU model and core count (and the GPU, on CUDA), for the result labels."""
-    import os
-    cpu = "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    text = f"{cpu}, {cores} cores"
-    if device.type == "cuda":
-        text = f"{torch.cuda.get_device_name(device)} + {text}"
-    return text
 
 
 def _online_tokens(r: Runner):
@@ -430,9 +409,7 @@ def markdown(result) -> str:
 
 
 def plot(result, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     env, cfg = result["environment"], result["config"]
     rows = result["results"]
     names = [r["method"] for r in rows]
@@ -459,11 +436,8 @@ def plot(result, path: Path) -> None:
     ax.bar_label(bars, labels=[f"{r.get('memory_vs_clip', 0):.2f}x" for r in rows], fontsize=7)
     ax.set(xticks=list(x), xticklabels=names, ylabel="MiB", title="peak memory")
     ax.legend(fontsize=7)
-    fig.suptitle(f"{cfg['model']} {cfg['image_size']}px, batch {cfg['batch']}, {cfg['precision']} — {env['machine']}, "
-                 f"{env['date'][:10]}" + (" (shared machine)" if env.get("shared_machine") else ""), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, f"{cfg['model']} {cfg['image_size']}px, batch {cfg['batch']}, {cfg['precision']} — "
+                f"{env['machine']}, {env['date'][:10]}" + (" (shared machine)" if env.get("shared_machine") else ""))
 
 
 def main(argv=None) -> int:
@@ -517,7 +491,7 @@ def main(argv=None) -> int:
                          f"{result['config']['precision']}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out / f"{stem}.json", result)
     text = markdown(result)
     (out / f"{stem}.md").write_text(text)
     if not args.no_plot:

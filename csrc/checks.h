@@ -1,8 +1,9 @@
 // The invariants every compiled entry point of the ops checks before it touches memory, shared by the
-// CPU (cpu/) and CUDA (cuda/ops_cuda.cpp) implementations. The public Python ops check the same
-// things first, with friendlier messages (aclip_kernels/ops/_checks.py); these checks are for
-// whoever calls torch.ops.aclip_kernels.* directly: no argument may make a kernel read or write
-// out of bounds. Shape errors raise ValueError, dtype errors TypeError (TORCH_CHECK_VALUE / _TYPE).
+// CPU (cpu/) and CUDA (cuda/ops_cuda.cpp) implementations: the only argument checks in csrc/. The
+// public Python ops check the same things first, with friendlier messages (aclip_kernels/ops/_checks.py);
+// these checks are for whoever calls torch.ops.aclip_kernels.* directly: no argument may make a
+// kernel read or write out of bounds. Shape errors raise ValueError, dtype errors TypeError
+// (TORCH_CHECK_VALUE / _TYPE).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -13,8 +14,15 @@
 
 namespace aclip {
 
-// Sides of a grid (and their product) stay below 2**31 so that kernels may index cells in int32.
+// Sides of a grid (and their product) stay below 2**31 so that kernels may index cells in int32;
+// so do the bytes of one token row (D * itemsize), which the CUDA kernels copy with int32 indices.
 constexpr int64_t kMaxSide = INT32_MAX;
+
+inline void check_row_bytes(const char* op, const char* name, const at::Tensor& t) {
+  const int64_t bytes = t.size(-1) * static_cast<int64_t>(t.element_size());
+  TORCH_CHECK_VALUE(bytes <= kMaxSide, op, ": the rows of ", name, " ", t.sizes(), " have ", bytes,
+                    " bytes; at most 2**31 - 1");
+}
 
 inline void check_floating(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf ||
@@ -25,6 +33,12 @@ inline void check_floating(const char* op, const char* name, const at::Tensor& t
 inline void check_same_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref) {
   TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but the first tensor is on ",
                     ref.device(), "; all tensors must be on one device");
+}
+
+// A tensor on the device type a kernel runs on (the dispatcher picks the implementation from all tensors).
+inline void check_device_type(const char* op, const char* name, const at::Tensor& t, c10::DeviceType type) {
+  TORCH_CHECK(t.device().type() == type, op, ": ", name, " is on ", t.device(), "; this kernel needs ",
+              c10::DeviceTypeName(type), " tensors");
 }
 
 struct ClsAttentionShape {
@@ -47,6 +61,7 @@ inline ClsAttentionShape check_cls_attention(const at::Tensor& q, const at::Tens
                     k.sizes(), " must match q ", q.sizes(), " in batch, heads (>= 1) and head dim (>= 1)");
   TORCH_CHECK_VALUE(s.P >= 0 && s.N >= 1 && s.T <= kMaxSide, op, ": num_prefix_tokens=", s.P,
                     " must be in [0, T) for k ", k.sizes());
+  TORCH_CHECK_VALUE(s.B <= kMaxSide && s.H <= kMaxSide && s.Dh <= kMaxSide, op, ": shapes too large: k ", k.sizes());
   if (prior.has_value()) {
     check_floating(op, "prior", *prior);
     check_same_device(op, "prior", *prior, q);
@@ -60,10 +75,11 @@ struct MaskShape {
   int64_t Bx, P, D, Hs, Ws, Hg, Wg, block, Hu, Wu, N, U, num_units, M, Bs;
 };
 
-// The full contract of the attentive_mask op schema (see csrc/ops.cpp): x [Bx, P + Hg*Wg, D]; either
-// scores [Bs, Hs*Ws] or q [Bs, H, Dh] + k [Bs, H, P + Hs*Ws, Dh] (+ prior [Bs, Hs*Ws]); Bx a multiple
-// of Bs >= 1; grids of positive sides; block dividing the grid; 1 <= num_units <= units; boxes
-// [Bx, 4] of finite numbers (a value check: it synchronises with a CUDA device).
+// The full contract of the attentive_mask op schema (aclip_kernels/ops/attentive_mask.py):
+// x [Bx, P + Hg*Wg, D]; either scores [Bs, Hs*Ws] or q [Bs, H, Dh] + k [Bs, H, P + Hs*Ws, Dh]
+// (+ prior [Bs, Hs*Ws]); Bx a multiple of Bs >= 1; grids of positive sides; block dividing the grid;
+// 1 <= num_units <= units; boxes [Bx, 4] of finite numbers (a value check: it synchronises with a
+// CUDA device).
 inline MaskShape check_attentive_mask(const at::Tensor& x, const std::optional<at::Tensor>& scores,
                                       const std::optional<at::Tensor>& q, const std::optional<at::Tensor>& k,
                                       const std::optional<at::Tensor>& prior, const std::optional<at::Tensor>& boxes,
@@ -77,6 +93,7 @@ inline MaskShape check_attentive_mask(const at::Tensor& x, const std::optional<a
   s.Bx = x.size(0);
   s.P = num_prefix_tokens;
   s.D = x.size(2);
+  check_row_bytes(op, "x", x);
   s.Hs = score_grid[0];
   s.Ws = score_grid[1];
   s.Hg = grid[0];
@@ -142,6 +159,7 @@ inline void check_attentive_mask_backward(const at::Tensor& grad_kept, const at:
                         num_prefix_tokens >= 0 && grad_kept.size(1) == num_prefix_tokens + idx.size(1),
                     op, ": grad_kept ", grad_kept.sizes(), " must be [Bx, P+M, D] for idx ", idx.sizes(),
                     " [Bx, M] and P=", num_prefix_tokens);
+  check_row_bytes(op, "grad_kept", grad_kept);
   TORCH_CHECK_VALUE(num_patches >= idx.size(1) && num_patches <= kMaxSide, op, ": num_patches=", num_patches,
                     " must be in [M, 2**31) for idx ", idx.sizes());
   if (idx.numel() == 0) return;

@@ -1,8 +1,8 @@
 """Session setup and the native test builds.
 
 Without a GPU, Triton kernels can only run in the interpreter, and triton.jit reads TRITON_INTERPRET
-when a kernel module is imported: set it before any test module imports aclip_kernels.triton,
-whatever the collection order.
+when a kernel module is imported (``import aclip_kernels`` imports them): this is the one place that
+sets it, before anything imports aclip_kernels, whatever the collection order.
 
 The native test builds compile csrc/ again with g++ under their own op namespaces, so that they load
 next to the installed ``aclip_kernels._C``: the CUDA kernels under the emulated CUDA execution model
@@ -25,6 +25,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from aclip_kernels.backends import BACKENDS, resolve_backend  # noqa: E402  (imports the Triton kernels)
+from aclip_kernels.ops._define import define_schemas  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 EMULATION = ROOT / "tests" / "cuda_emulation"
@@ -37,9 +40,8 @@ _SHARED = (r"extern __shared__ (?:__align__\((\d+)\) )?(\w[\w ]*?) (\w+)\[\];",
            lambda m: f"{m[2]}* {m[3]} = ::emu::dynamic_shared<{m[2]}, {m[1] or 16}>();")
 
 
-def _namespace(ns: str, dispatch_key: str = "CPU") -> List[Tuple[str, str]]:
-    return [(r"TORCH_LIBRARY\(aclip_kernels,", f"TORCH_LIBRARY({ns},"),
-            (rf"TORCH_LIBRARY_IMPL\(aclip_kernels, {dispatch_key},", f"TORCH_LIBRARY_IMPL({ns}, CPU,")]
+def _namespace(ns: str, dispatch_key: str = "CPU") -> Tuple[str, str]:
+    return rf"TORCH_LIBRARY_IMPL\(aclip_kernels, {dispatch_key},", f"TORCH_LIBRARY_IMPL({ns}, CPU,"
 
 
 # name: {source: [(pattern, replacement), ...]}, each pattern must match; sources without rewrites: []
@@ -47,13 +49,11 @@ _BUILDS: Dict[str, Dict[str, list]] = {
     "aclip_kernels_emu": {
         "cuda/attentive_mask.cu": [_LAUNCH, _SHARED],
         "cuda/cls_attention.cu": [_LAUNCH, _SHARED],
-        "cuda/ops_cuda.cpp": [(r"\.is_cuda\(\)", ".is_cpu()"), _namespace("aclip_kernels_emu", "CUDA")[1]],
-        "ops.cpp": _namespace("aclip_kernels_emu")[:1],
+        "cuda/ops_cuda.cpp": [(r"at::kCUDA\b", "at::kCPU"), _namespace("aclip_kernels_emu", "CUDA")],
     },
     "aclip_kernels_native": {
-        "cpu/attentive_mask.cpp": _namespace("aclip_kernels_native")[1:],
-        "cpu/cls_attention.cpp": _namespace("aclip_kernels_native")[1:],
-        "ops.cpp": _namespace("aclip_kernels_native")[:1],
+        "cpu/attentive_mask.cpp": [_namespace("aclip_kernels_native")],
+        "cpu/cls_attention.cpp": [_namespace("aclip_kernels_native")],
     },
 }
 
@@ -106,7 +106,33 @@ def build_native(name: str) -> NativeOps:
     cpp_extension.load(name=name, sources=_sources(name), build_directory=str(build), is_python_module=False,
                        extra_cflags=["-O2", "-ffp-contract=off"] + sanitize, extra_ldflags=sanitize,
                        extra_include_paths=includes)
+    define_schemas(name)
     return NativeOps(name, build / f"{name}.so")
+
+
+@dataclass(frozen=True)
+class OpBackend:
+    """A backend of the ops and the device its tensors live on; ``interpreted``: Triton on the CPU."""
+    name: str
+    device: str
+
+    @property
+    def interpreted(self) -> bool:
+        return self.name == "triton" and self.device == "cpu"
+
+
+@pytest.fixture(params=BACKENDS)
+def op_backend(request) -> OpBackend:
+    """Every backend of the ops (torch, cpu, cuda, triton), on its device; skipped where it cannot run."""
+    name = request.param
+    device = "cuda" if name == "cuda" or (name == "triton" and torch.cuda.is_available()) else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    try:
+        resolve_backend(name, torch.device(device))
+    except RuntimeError as error:
+        pytest.skip(str(error))
+    return OpBackend(name, device)
 
 
 @pytest.fixture(scope="session")
@@ -139,3 +165,27 @@ def run_under_asan():
         assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-5000:]
         assert " passed" in child.stdout.splitlines()[-1], child.stdout[-2000:]
     return run
+
+
+
+@pytest.fixture(scope="session")
+def far_apart():
+    """``far_apart(t)``: t's values in a view whose entries along dim 0 start 2**31 + 64 elements
+    apart, so that element and byte offsets pass 2**31 (int32 index products would wrap). The
+    storage is reserved, not written: only the pages of t's values are touched."""
+    gap = 2 ** 31 + 64
+
+    def make(t: torch.Tensor) -> torch.Tensor:
+        storage = torch.empty(gap * (t.shape[0] - 1) + t[0].numel(), dtype=t.dtype)
+        return storage.as_strided(t.shape, (gap,) + t[0].contiguous().stride()).copy_(t)
+    return make
+
+
+@pytest.fixture
+def far_apart_inputs(far_apart):
+    """attentive_mask inputs (fused q/k scoring, float16) whose x and k have their two images
+    2**31 + 64 elements apart (4 GiB of storage each, reserved, not written)."""
+    g = torch.Generator().manual_seed(0)
+    return dict(x=far_apart(torch.randn(2, 1 + 16, 24, generator=g).half()),
+                q=torch.randn(2, 3, 8, generator=g).half(),
+                k=far_apart(torch.randn(2, 3, 1 + 16, 8, generator=g).half()), keep=0.5, block=2)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 SDIST_FILES = ("pyproject.toml", "CMakeLists.txt", "cmake/cuda_probe/CMakeLists.txt", "tools/aclip_build_meta.py",
-               "csrc/ops.cpp", "aclip_kernels/__init__.py", "aclip_kernels/_build_info.py.in")
+               "csrc/module.cpp", "aclip_kernels/__init__.py", "aclip_kernels/_build_info.py.in")
 
 
 def _one(dist: Path, pattern: str) -> Path:

@@ -39,7 +39,7 @@ __all__ = ["EMAScorer"]
 
 
 class _Accumulator:
-    """The [B, N] float32 score buffer of one forward, allocated by the first scored block."""
+    """The [B, N] float32 scores of one forward, summed over the scored blocks."""
 
     def __init__(self, prefix: int, backend: Optional[str]):
         self.prefix, self.backend = prefix, backend
@@ -47,11 +47,8 @@ class _Accumulator:
         self.layers = 0
 
     def add(self, q: Tensor, k: Tensor, scale: float) -> None:
-        if self.scores is None:
-            self.scores = torch.zeros(q.shape[0], k.shape[2] - self.prefix, dtype=torch.float32,
-                                      device=q.device)
-        cls_attention(q, k, num_prefix_tokens=self.prefix, scale=scale, out=self.scores,
-                      backend=self.backend)
+        self.scores = cls_attention(q, k, num_prefix_tokens=self.prefix, scale=scale, prior=self.scores,
+                                    backend=self.backend).float()
         self.layers += 1
 
 

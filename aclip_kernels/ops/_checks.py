@@ -90,6 +90,14 @@ def check_grid(grid, num_patches: int, x: Tensor) -> Tuple[int, int]:
     return sides
 
 
+def check_tokens(x, num_prefix_tokens, grid: Optional[Sequence]) -> Tuple[int, Tuple[int, int]]:
+    """x [Bx, P+N, D] -> (P, (Hg, Wg)): the grid of its N patches, square when ``grid`` is None."""
+    check_tensor("x", x, 3, "[Bx, P+N, D]")
+    p = check_prefix(num_prefix_tokens, x.shape[1], "x")
+    n = x.shape[1] - p
+    return p, square_grid("x", n, x) if grid is None else check_grid(grid, n, x)
+
+
 def check_scale(scale, head_dim: int) -> float:
     """The logit scale: ``head_dim ** -0.5`` when None."""
     return head_dim ** -0.5 if scale is None else check_real("scale", scale)
@@ -144,8 +152,8 @@ def check_backward_args(grad_kept: Tensor, idx: Tensor, num_prefix_tokens: int, 
 
 
 @dataclass(frozen=True)
-class MaskArgs:
-    """Checked, normalised arguments of attentive_mask (what every backend receives)."""
+class MaskCall:
+    """The checked, normalised arguments of one attentive_mask call (what every backend receives)."""
     x: Tensor                    # [Bx, P+N, D]
     scores: Optional[Tensor]     # [Bs, Hs*Ws], or None with q and k
     q: Optional[Tensor]          # [Bs, H, Dh]
@@ -160,86 +168,116 @@ class MaskArgs:
     scale: float
 
 
-def check_mask_args(x, scores, keep, q, k, prior, num_prefix_tokens, grid: Optional[Sequence],
-                    block, boxes, scale, check_values: bool = True, keep_name: str = "keep",
-                    k_grid: Optional[Tuple[int, int]] = None) -> MaskArgs:
-    """The public arguments of attentive_mask, checked and normalised. ``check_values=False`` leaves
-    the finiteness of ``boxes`` (a value check, which synchronises with a GPU) to the compiled op;
-    ``keep_name`` is what messages call ``keep``; ``k_grid`` the grid of k's patches (default square)."""
-    check_tensor("x", x, 3, "[Bx, P+N, D]")
-    p = check_prefix(num_prefix_tokens, x.shape[1], "x")
-    bx, n = x.shape[0], x.shape[1] - p
-
-    if (scores is None) == (q is None and k is None):
-        raise ValueError("give either scores, or q and k (with an optional prior), not both or neither")
-    if scores is not None:
-        if prior is not None:
-            raise ValueError("prior adds to the fused q/k scores; with scores given, add it yourself")
-        if not isinstance(scores, Tensor) or scores.dim() not in (2, 3):
-            raise ValueError("scores must be [Bs, N] or [Bs, Hs, Ws]; got "
-                             f"{shape_of(scores) if isinstance(scores, Tensor) else type(scores).__name__}")
-        check_tensor("scores", scores, scores.dim(), "[Bs, N] or [Bs, Hs, Ws]")
-        if scores.dim() == 3:
-            score_grid = (scores.shape[1], scores.shape[2])
-        else:
-            score_grid = square_grid("scores", scores.shape[1], scores)
-        bs = scores.shape[0]
-        scores = scores.reshape(bs, score_grid[0] * score_grid[1])
+def check_scores(scores, prior) -> Tuple[Tensor, Tuple[int, int]]:
+    """scores [Bs, N] (square grid) or [Bs, Hs, Ws] -> ([Bs, Hs*Ws], (Hs, Ws))."""
+    if prior is not None:
+        raise ValueError("prior adds to the fused q/k scores; with scores given, add it yourself")
+    if not isinstance(scores, Tensor) or scores.dim() not in (2, 3):
+        raise ValueError("scores must be [Bs, N] or [Bs, Hs, Ws]; got "
+                         f"{shape_of(scores) if isinstance(scores, Tensor) else type(scores).__name__}")
+    check_tensor("scores", scores, scores.dim(), "[Bs, N] or [Bs, Hs, Ws]")
+    if scores.dim() == 3:
+        score_grid = (scores.shape[1], scores.shape[2])
     else:
-        if q is None or k is None:
-            raise ValueError("the fused scores need both q and k")
-        q, k, ns = check_qk(q, k, p)
-        bs = q.shape[0]
-        score_grid = square_grid("k", ns, k) if k_grid is None else k_grid
-        if score_grid[0] * score_grid[1] != ns:
-            raise ValueError(f"score_grid={score_grid} does not match the {ns} patches of k {shape_of(k)}")
-        check_prior(prior, bs, ns, k)
-        scale = check_scale(scale, q.shape[-1])
-    if bs == 0 or bx % bs:
-        raise ValueError(f"x has {bx} rows, which is not a multiple of the {bs} rows of the scores "
-                         f"(x {shape_of(x)}); views must be stacked view-major")
+        score_grid = square_grid("scores", scores.shape[1], scores)
+    return scores.reshape(scores.shape[0], score_grid[0] * score_grid[1]), score_grid
 
-    grid = square_grid("x", n, x) if grid is None else check_grid(grid, n, x)
+
+def check_fused(q, k, prior, num_prefix_tokens: int, k_grid: Optional[Tuple[int, int]]) -> Tuple[int, int]:
+    """The fused scores' q [Bs, H, Dh], k [Bs, H, P+Hs*Ws, Dh], prior [Bs, Hs*Ws] -> (Hs, Ws)."""
+    if q is None or k is None:
+        raise ValueError("the fused scores need both q and k")
+    q, k, ns = check_qk(q, k, num_prefix_tokens)
+    score_grid = square_grid("k", ns, k) if k_grid is None else k_grid
+    if score_grid[0] * score_grid[1] != ns:
+        raise ValueError(f"score_grid={score_grid} does not match the {ns} patches of k {shape_of(k)}")
+    check_prior(prior, q.shape[0], ns, k)
+    return score_grid
+
+
+def check_block(block, grid: Tuple[int, int], x: Tensor) -> int:
     block = check_int("block", block)
     if block < 1:
         raise ValueError(f"block must be a positive int; got {block!r}")
     if grid[0] % block or grid[1] % block:
         raise ValueError(f"block={block} must divide the grid {grid} of x {shape_of(x)}")
-    if boxes is not None:
-        if not isinstance(boxes, Tensor) or tuple(boxes.shape) != (bx, 4):
-            got = shape_of(boxes) if isinstance(boxes, Tensor) else type(boxes).__name__
-            raise ValueError(f"boxes must be [Bx, 4] = [{bx}, 4] (y0, x0, h, w), one per row of x; got {got}")
-        check_tensor("boxes", boxes, 2, "[Bx, 4]")
-        check_same_device("x", x, boxes=boxes)
-        if check_values:
-            check_boxes_finite(boxes)
-        boxes = boxes.to(torch.float32).contiguous()
+    return block
 
-    num_units = (grid[0] // block) * (grid[1] // block)
+
+def check_boxes(boxes, x: Tensor, check_values: bool) -> Optional[Tensor]:
+    """boxes [Bx, 4] (one per row of x) -> float32 contiguous, or None."""
+    if boxes is None:
+        return None
+    bx = x.shape[0]
+    if not isinstance(boxes, Tensor) or tuple(boxes.shape) != (bx, 4):
+        got = shape_of(boxes) if isinstance(boxes, Tensor) else type(boxes).__name__
+        raise ValueError(f"boxes must be [Bx, 4] = [{bx}, 4] (y0, x0, h, w), one per row of x; got {got}")
+    check_tensor("boxes", boxes, 2, "[Bx, 4]")
+    check_same_device("x", x, boxes=boxes)
+    if check_values:
+        check_boxes_finite(boxes)
+    return boxes.to(torch.float32).contiguous()
+
+
+def check_keep(keep, num_units: int, keep_name: str, context: str) -> int:
+    """keep, an int number of units or a float fraction -> the number of units kept."""
     if type(keep) not in (int, float) and (isinstance(keep, bool) or not isinstance(keep, numbers.Real)):
         raise TypeError(f"{keep_name} must be an int (units) or a float fraction in (0, 1]; got {keep!r}")
     if isinstance(keep, numbers.Integral):
         keep = int(keep)
         if not 0 < keep <= num_units:
-            raise ValueError(f"{keep_name}={keep} units must be in [1, {num_units}] "
-                             f"(grid {grid}, block {block}, x {shape_of(x)})")
+            raise ValueError(f"{keep_name}={keep} units must be in [1, {num_units}] ({context})")
     else:
         keep = float(keep)
         if not 0.0 < keep <= 1.0:
             raise ValueError(f"{keep_name}={keep} as a fraction must be in (0, 1]")
+    return num_keep_units(keep, num_units)
 
+
+def check_mask_args(x, scores, keep, q, k, prior, num_prefix_tokens, grid: Optional[Sequence],
+                    block, boxes, scale, check_values: bool = True, keep_name: str = "keep",
+                    k_grid: Optional[Tuple[int, int]] = None) -> MaskCall:
+    """The public arguments of attentive_mask, checked and normalised. ``check_values=False`` leaves
+    the finiteness of ``boxes`` (a value check, which synchronises with a GPU) to the compiled op;
+    ``keep_name`` is what messages call ``keep``; ``k_grid`` the grid of k's patches (default square)."""
+    p, grid = check_tokens(x, num_prefix_tokens, grid)
+    if (scores is None) == (q is None and k is None):
+        raise ValueError("give either scores, or q and k (with an optional prior), not both or neither")
+    if scores is not None:
+        scores, score_grid = check_scores(scores, prior)
+        bs = scores.shape[0]
+    else:
+        score_grid = check_fused(q, k, prior, p, k_grid)
+        bs, scale = q.shape[0], check_scale(scale, q.shape[-1])
+    if bs == 0 or x.shape[0] % bs:
+        raise ValueError(f"x has {x.shape[0]} rows, which is not a multiple of the {bs} rows of the scores "
+                         f"(x {shape_of(x)}); views must be stacked view-major")
+    block = check_block(block, grid, x)
+    boxes = check_boxes(boxes, x, check_values)
+    num_units = check_keep(keep, (grid[0] // block) * (grid[1] // block), keep_name,
+                           f"grid {grid}, block {block}, x {shape_of(x)}")
     check_same_device("x", x, scores=scores, q=q, k=k, prior=prior)
-    return MaskArgs(x, scores, q, k, prior, boxes, p, score_grid, grid, block,
-                    num_keep_units(keep, num_units), 0.0 if scale is None else check_real("scale", scale))
+    return MaskCall(x, scores, q, k, prior, boxes, p, score_grid, grid, block, num_units,
+                    0.0 if scale is None else check_real("scale", scale))
 
 
-def check_prior(prior: Optional[Tensor], batch: int, num_patches: int, k: Tensor) -> None:
+def check_prior(prior: Optional[Tensor], batch: int, num_patches: int, k: Tensor) -> Optional[Tensor]:
     if prior is not None:
         check_tensor("prior", prior, 2, "[Bs, N]")
         if tuple(prior.shape) != (batch, num_patches):
             raise ValueError(f"prior must be [Bs, N] = [{batch}, {num_patches}] like the scores of k "
                              f"{shape_of(k)}; got {shape_of(prior)}")
         check_same_device("k", k, prior=prior)
+    return prior
+
+
+def check_out(out, q: Tensor, k: Tensor, num_patches: int) -> None:
+    """The deprecated ``out`` of cls_attention: float32 [B, N], on q's device."""
+    if not isinstance(out, Tensor) or tuple(out.shape) != (q.shape[0], num_patches) or out.dtype != torch.float32:
+        got = f"{shape_of(out)} {out.dtype}" if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"out must be a float32 tensor [B, N] = [{q.shape[0]}, {num_patches}] for k "
+                         f"{shape_of(k)}; got {got}")
+    check_same_device("q", q, out=out)
 
 
 def check_cls_attention_op(q, k, num_prefix_tokens, prior) -> None:
@@ -249,7 +287,7 @@ def check_cls_attention_op(q, k, num_prefix_tokens, prior) -> None:
 
 
 def check_mask_op(x, scores, q, k, prior, boxes, num_prefix_tokens, score_grid, grid, block, num_units,
-                  scale) -> MaskArgs:
+                  scale) -> MaskCall:
     """The attentive_mask op schema's contract (csrc/checks.h), for a direct call of the Triton op:
     the public checks applied to the schema's arguments, and the score grid checked against them."""
     hs, ws = (check_int("score_grid", side) for side in check_pair("score_grid", score_grid))

@@ -1,17 +1,34 @@
-"""attentive_mask: keep the prefix tokens and the best-scoring patches (or blocks) of every view."""
+"""attentive_mask: keep the prefix tokens and the best-scoring patches (or blocks) of every view.
+
+The whole registration of the op and of its backward: the schemas (defined here once; the compiled
+CPU and CUDA kernels register implementations of them), the fake kernels and autograd, the Triton
+ops of the same schemas, and the public function that checks the arguments and dispatches.
+"""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from .._library import BUILD_INFO
-from ..backends import resolve_backend
+from ..backends import TRITON_MISSING, resolve_backend
 from ..reference import attentive_mask_ref
-from ._checks import MaskArgs, check_mask_args
+from ._checks import MaskCall, check_backward_args, check_boxes_finite, check_mask_args, check_mask_op
+from ._define import define, register_triton_op
 
-__all__ = ["attentive_mask"]
+if TRITON_MISSING is None:
+    from ..triton._common import call_checked, consume_checked
+    from ..triton._common import check_device as check_triton_device
+    from ..triton.attentive_mask import launch_attentive_mask, launch_attentive_mask_backward
+
+__all__ = ["attentive_mask", "SCHEMA", "BACKWARD_SCHEMA"]
+
+SCHEMA = ("(Tensor x, Tensor? scores, Tensor? q, Tensor? k, Tensor? prior, Tensor? boxes, "
+          "int num_prefix_tokens, int[] score_grid, int[] grid, int block, int num_units, "
+          "float scale) -> (Tensor, Tensor)")
+BACKWARD_SCHEMA = "(Tensor grad_kept, Tensor idx, int num_prefix_tokens, int num_patches) -> Tensor"
+OP = define("attentive_mask", SCHEMA)
+BACKWARD_OP = define("attentive_mask_backward", BACKWARD_SCHEMA)
 
 
 def attentive_mask(x: Tensor, scores: Optional[Tensor] = None, keep=0.5, *,
@@ -43,21 +60,21 @@ def attentive_mask(x: Tensor, scores: Optional[Tensor] = None, keep=0.5, *,
     if impl == "torch":
         kept, idx = mask_torch(args)
     elif impl == "triton":
-        from ..triton import attentive_mask as triton_attentive_mask
-        kept, idx = triton_attentive_mask(args)
+        check_triton_device(args.x)
+        kept, idx = call_checked(torch.ops.aclip_kernels.attentive_mask_triton, *op_arguments(args))
     else:
         kept, idx = torch.ops.aclip_kernels.attentive_mask(*op_arguments(args))
     return (kept, idx) if return_indices else kept
 
 
-def mask_torch(args: MaskArgs):
+def mask_torch(args: MaskCall):
     scores = None if args.scores is None else args.scores.view(-1, *args.score_grid)
     return attentive_mask_ref(args.x, scores, args.num_units, q=args.q, k=args.k, prior=args.prior,
                               num_prefix_tokens=args.num_prefix_tokens, grid=args.grid,
                               block=args.block, boxes=args.boxes, scale=args.scale)
 
 
-def op_arguments(args: MaskArgs) -> tuple:
+def op_arguments(args: MaskCall) -> tuple:
     """The positional arguments of the ``attentive_mask`` op schema."""
     return (args.x, args.scores, args.q, args.k, args.prior, args.boxes, args.num_prefix_tokens,
             list(args.score_grid), list(args.grid), args.block, args.num_units, args.scale)
@@ -74,8 +91,8 @@ def attentive_mask_backward_fake(grad_kept, idx, num_prefix_tokens, num_patches)
     return grad_kept.new_empty(grad_kept.shape[0], num_prefix_tokens + num_patches, grad_kept.shape[2])
 
 
-def register_attentive_mask(op_name: str, backward_op) -> None:
-    """Fake kernel and autograd for an op with the ``attentive_mask`` schema (compiled or Triton).
+def _register(op_name: str, backward_op) -> None:
+    """Fake kernel and autograd of an op with ``SCHEMA`` (the compiled op, the Triton op).
 
     ``backward_op(grad_kept, idx, num_prefix_tokens, num_patches) -> grad_x`` is the scatter.
     """
@@ -93,7 +110,26 @@ def register_attentive_mask(op_name: str, backward_op) -> None:
     torch.library.register_autograd(op_name, backward, setup_context=setup_context)
 
 
-if BUILD_INFO is not None:
-    torch.library.register_fake("aclip_kernels::attentive_mask_backward")(attentive_mask_backward_fake)
-    register_attentive_mask("aclip_kernels::attentive_mask",
-                            torch.ops.aclip_kernels.attentive_mask_backward)
+torch.library.register_fake(BACKWARD_OP)(attentive_mask_backward_fake)
+_register(OP, torch.ops.aclip_kernels.attentive_mask_backward)
+
+if TRITON_MISSING is None:
+    @register_triton_op("attentive_mask")
+    def _attentive_mask_triton(x: Tensor, scores: Optional[Tensor], q: Optional[Tensor], k: Optional[Tensor],
+                               prior: Optional[Tensor], boxes: Optional[Tensor], num_prefix_tokens: int,
+                               score_grid: List[int], grid: List[int], block: int, num_units: int,
+                               scale: float) -> Tuple[Tensor, Tensor]:
+        if not consume_checked():  # a direct call; the public path has checked its arguments
+            check_mask_op(x, scores, q, k, prior, boxes, num_prefix_tokens, score_grid, grid, block, num_units, scale)
+        elif boxes is not None:  # the public path leaves this value check (a GPU sync) to the op
+            check_boxes_finite(boxes)
+        return launch_attentive_mask(x, scores, q, k, prior, boxes, num_prefix_tokens, score_grid, grid, block,
+                                     num_units, scale)
+
+    @register_triton_op("attentive_mask_backward")
+    def _attentive_mask_backward_triton(grad_kept: Tensor, idx: Tensor, num_prefix_tokens: int,
+                                        num_patches: int) -> Tensor:
+        check_backward_args(grad_kept, idx, num_prefix_tokens, num_patches)
+        return launch_attentive_mask_backward(grad_kept, idx, num_prefix_tokens, num_patches)
+
+    _register(_attentive_mask_triton._qualname, _attentive_mask_backward_triton)

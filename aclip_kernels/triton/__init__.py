@@ -1,11 +1,10 @@
-"""Triton kernels of the ops (the ``triton`` backend), registered as torch.library triton ops:
-``aclip_kernels::cls_attention_triton``, ``aclip_kernels::attentive_mask_triton`` and
-``aclip_kernels::attentive_mask_backward_triton`` (the schemas of csrc/ops.cpp).
+"""Triton kernels of the ops (the ``triton`` backend) and their launchers. The ops that run them
+(``aclip_kernels::<op>_triton``) are registered in aclip_kernels/ops/, with the schemas defined there.
 
 On CPU tensors they run only under ``TRITON_INTERPRET=1``, which must be set before this package
-is imported.
+is imported (``import aclip_kernels`` imports it when triton is installed).
 """
-from .attentive_mask import attentive_mask
-from .cls_attention import cls_attention
+from .attentive_mask import launch_attentive_mask, launch_attentive_mask_backward
+from .cls_attention import launch_cls_attention
 
-__all__ = ["cls_attention", "attentive_mask"]
+__all__ = ["launch_cls_attention", "launch_attentive_mask", "launch_attentive_mask_backward"]

@@ -1,9 +1,6 @@
-"""Shared pieces of the Triton kernels: interpreter detection, autotuning, exact float32 arithmetic
-and the torch.library registration shim."""
+"""Shared pieces of the Triton kernels: interpreter detection, autotuning and exact float32 arithmetic."""
 from __future__ import annotations
 
-import contextlib
-import importlib
 import os
 import threading
 from typing import Optional
@@ -56,43 +53,7 @@ def _fix_interpreter_index() -> None:
 if INTERPRET:
     _fix_interpreter_index()
 
-try:  # torch >= 2.6
-    from torch.library import triton_op, wrap_triton
-except ImportError:  # pragma: no cover - older torch: a plain custom op around direct launches
-    triton_op = None
-
-    def wrap_triton(kernel):
-        return kernel
-
-
-@contextlib.contextmanager
-def _schema_honoured(schema: str):
-    """Older torch's ``triton_op`` (2.11, for one) ignores its ``schema`` argument and infers a schema
-    from the type annotations (``int`` -> ``SymInt``; fixed by pytorch/pytorch#188722): make that
-    inference return ``schema``. Newer torch uses ``schema`` and never calls it, so nothing changes there."""
-    try:
-        module = importlib.import_module("torch._library.triton")
-    except ImportError:
-        module = None
-    original = getattr(module, "infer_schema", None)
-    if original is None:
-        yield
-        return
-    module.infer_schema = lambda *args, **kwargs: schema
-    try:
-        yield
-    finally:
-        module.infer_schema = original
-
-
-def register_op(name: str, schema: str):
-    """``torch.library.triton_op`` with an explicit schema (the csrc/ops.cpp one), or a custom op."""
-    def dec(fn):
-        if triton_op is not None:
-            with _schema_honoured(schema):
-                return triton_op(name, mutates_args=(), schema=schema)(fn)
-        return torch.library.custom_op(name, mutates_args=(), schema=schema)(fn)
-    return dec
+from torch.library import wrap_triton  # noqa: F401  (re-exported for the kernel modules)
 
 
 def autotune(configs, key):

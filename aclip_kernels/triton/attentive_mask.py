@@ -57,20 +57,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..ops._checks import MaskArgs, check_backward_args, check_boxes_finite, check_mask_op
-from ..ops.attentive_mask import op_arguments, register_attentive_mask
-from ._common import (autotune, call_checked, check_device, consume_checked, dummy, fadd, fmul, fsub, launch_options,
-                      next_pow2, register_op, use_rn, vector_width, wrap_triton)
+from ._common import (autotune, dummy, fadd, fmul, fsub, launch_options, next_pow2, use_rn, vector_width,
+                      wrap_triton)
 from .cls_attention import accumulation_dtype, cls_attention_row
 
-__all__ = ["attentive_mask", "attentive_mask_backward", "MASK_OP", "MASK_BACKWARD_OP"]
-
-MASK_OP = "aclip_kernels::attentive_mask_triton"
-MASK_BACKWARD_OP = "aclip_kernels::attentive_mask_backward_triton"
-MASK_SCHEMA = ("(Tensor x, Tensor? scores, Tensor? q, Tensor? k, Tensor? prior, Tensor? boxes, "
-               "int num_prefix_tokens, int[] score_grid, int[] grid, int block, int num_units, "
-               "float scale) -> (Tensor, Tensor)")
-MASK_BACKWARD_SCHEMA = "(Tensor grad_kept, Tensor idx, int num_prefix_tokens, int num_patches) -> Tensor"
+__all__ = ["launch_attentive_mask", "launch_attentive_mask_backward", "forward_launch"]
 
 
 @triton.jit
@@ -342,15 +333,12 @@ def forward_launch(x: Tensor, scores: Optional[Tensor], q: Optional[Tensor], k: 
     return (kept, idx), (programs,), runtime, dict(constexprs)
 
 
-@register_op(MASK_OP, MASK_SCHEMA)
-def _attentive_mask_op(x: Tensor, scores: Optional[Tensor], q: Optional[Tensor], k: Optional[Tensor],
-                       prior: Optional[Tensor], boxes: Optional[Tensor], num_prefix_tokens: int,
-                       score_grid: List[int], grid: List[int], block: int, num_units: int,
-                       scale: float) -> Tuple[Tensor, Tensor]:
-    if not consume_checked():
-        check_mask_op(x, scores, q, k, prior, boxes, num_prefix_tokens, score_grid, grid, block, num_units, scale)
-    elif boxes is not None:  # the public path leaves this value check (a GPU sync) to the op
-        check_boxes_finite(boxes)
+def launch_attentive_mask(x: Tensor, scores: Optional[Tensor], q: Optional[Tensor], k: Optional[Tensor],
+                          prior: Optional[Tensor], boxes: Optional[Tensor], num_prefix_tokens: int,
+                          score_grid: List[int], grid: List[int], block: int, num_units: int,
+                          scale: float) -> Tuple[Tensor, Tensor]:
+    """The forward behind ``aclip_kernels::attentive_mask_triton`` (aclip_kernels/ops/attentive_mask.py,
+    which checks the arguments) -> (kept [Bx, P + n*b*b, D], idx [Bx, n*b*b] int64 ascending)."""
     outputs, launch_grid, runtime, constexprs = forward_launch(
         x, scores, q, k, prior, boxes, num_prefix_tokens, score_grid, grid, block, num_units, scale)
     wrap_triton(_mask_fwd_kernel)[launch_grid](*runtime, **constexprs, **launch_options(x.device))
@@ -369,10 +357,10 @@ def backward_args(grad_kept: Tensor, idx: Tensor, grad_x: Tensor, num_prefix_tok
             search_steps(m), next_pow2(grad_kept.shape[0]))
 
 
-@register_op(MASK_BACKWARD_OP, MASK_BACKWARD_SCHEMA)
-def _attentive_mask_backward_op(grad_kept: Tensor, idx: Tensor, num_prefix_tokens: int,
-                                num_patches: int) -> Tensor:
-    check_backward_args(grad_kept, idx, num_prefix_tokens, num_patches)
+def launch_attentive_mask_backward(grad_kept: Tensor, idx: Tensor, num_prefix_tokens: int,
+                                   num_patches: int) -> Tensor:
+    """grad_kept [Bx, P+n, D], idx [Bx, n] (checked) -> grad_x [Bx, P+N, D] (zero where not kept): the
+    backward behind ``aclip_kernels::attentive_mask_backward_triton``."""
     bx, _, d = grad_kept.shape
     p = num_prefix_tokens
     idx = idx.contiguous()
@@ -380,19 +368,3 @@ def _attentive_mask_backward_op(grad_kept: Tensor, idx: Tensor, num_prefix_token
     wrap_triton(_mask_bwd_kernel)[lambda meta: (bx, triton.cdiv(p + num_patches, meta["BLOCK_T"]))](
         *backward_args(grad_kept, idx, grad_x, p, num_patches), VEC=vector_width(grad_kept))
     return grad_x
-
-
-def attentive_mask_backward(grad_kept: Tensor, idx: Tensor, num_prefix_tokens: int,
-                            num_patches: int) -> Tensor:
-    """grad_kept [Bx, P+n, D], idx [Bx, n] -> grad_x [Bx, P+N, D] (zero where not kept)."""
-    return torch.ops.aclip_kernels.attentive_mask_backward_triton(grad_kept, idx, num_prefix_tokens,
-                                                                   num_patches)
-
-
-register_attentive_mask(MASK_OP, torch.ops.aclip_kernels.attentive_mask_backward_triton)
-
-
-def attentive_mask(args: MaskArgs) -> Tuple[Tensor, Tensor]:
-    """The checked arguments -> (kept [Bx, P + n*b*b, D], idx [Bx, n*b*b] int64 ascending)."""
-    check_device(args.x)
-    return call_checked(torch.ops.aclip_kernels.attentive_mask_triton, *op_arguments(args))

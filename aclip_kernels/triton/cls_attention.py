@@ -16,14 +16,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..ops._checks import check_cls_attention_op
-from ..ops.cls_attention import register_cls_attention
-from ._common import autotune, call_checked, check_device, consume_checked, next_pow2, register_op, wrap_triton
+from ._common import autotune, next_pow2, wrap_triton
 
-__all__ = ["cls_attention", "cls_attention_row", "CLS_ATTENTION_OP"]
-
-CLS_ATTENTION_OP = "aclip_kernels::cls_attention_triton"
-SCHEMA = "(Tensor q, Tensor k, int num_prefix_tokens, float scale, Tensor? prior) -> Tensor"
+__all__ = ["launch_cls_attention", "cls_attention_row"]
 
 
 @triton.jit
@@ -105,11 +100,10 @@ def launch_args(q: Tensor, k: Tensor, prior: Optional[Tensor], out: Tensor, logi
             *q.stride(), *k.stride(), prior_t.stride(0), prior_t.stride(1), scale, next_pow2(b))
 
 
-@register_op(CLS_ATTENTION_OP, SCHEMA)
-def _cls_attention_op(q: Tensor, k: Tensor, num_prefix_tokens: int, scale: float,
-                      prior: Optional[Tensor]) -> Tensor:
-    if not consume_checked():
-        check_cls_attention_op(q, k, num_prefix_tokens, prior)
+def launch_cls_attention(q: Tensor, k: Tensor, num_prefix_tokens: int, scale: float,
+                         prior: Optional[Tensor]) -> Tensor:
+    """q [B, H, Dh], k [B, H, T, Dh] (+ prior [B, N]) -> [B, N]: the launch behind the op
+    ``aclip_kernels::cls_attention_triton`` (aclip_kernels/ops/cls_attention.py), which checks the arguments."""
     b, h, t, dh = k.shape
     n = t - num_prefix_tokens
     dtype = accumulation_dtype(q)
@@ -119,14 +113,3 @@ def _cls_attention_op(q: Tensor, k: Tensor, num_prefix_tokens: int, scale: float
         *launch_args(q, k, prior, out, logits, num_prefix_tokens, scale),
         HAS_PRIOR=prior is not None, BLOCK_DH=next_pow2(dh))
     return out
-
-
-register_cls_attention(CLS_ATTENTION_OP)
-
-
-def cls_attention(q: Tensor, k: Tensor, num_prefix_tokens: int, scale: float,
-                  out: Optional[Tensor] = None) -> Tensor:
-    """q [B, H, Dh], k [B, H, T, Dh] -> [B, N]: ``out + attention`` as a new tensor when ``out`` is
-    given (the caller copies it back), else the attention. Differentiable in q and k."""
-    check_device(q)
-    return call_checked(torch.ops.aclip_kernels.cls_attention_triton, q, k, num_prefix_tokens, float(scale), out)

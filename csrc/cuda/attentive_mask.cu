@@ -3,9 +3,11 @@
 // into shared memory (box alignment and block means in the float32 order of mask_math.h), finds
 // the n best by their rank keys (counting the keys above each unit on small grids, a block-wide
 // bitonic sort on large ones), turns them into ascending patch positions with a block-wide scan,
-// and copies the prefix and kept rows, one warp per row. Backward: each row of grad_x is written
+// and copies the prefix and kept rows, one warp per row (16-byte vectors between a head and a tail
+// of bytes where the addresses allow, for any row width). Backward: each row of grad_x is written
 // once, from grad_kept or as zeros.
 #include <algorithm>
+#include <type_traits>
 
 #include "../mask_math.h"
 #include "common.cuh"
@@ -19,12 +21,22 @@ constexpr int kCountedUnits = 256;
 
 struct MaskLaunch {
   MaskArgs a;
-  int L;             // the sort length: the number of units rounded up to a power of two
-  int64_t src_step;  // source units between consecutive units of a row
-  int units;         // copy units per row
+  int L;          // the sort length: the number of units rounded up to a power of two
+  CopyPlan copy;  // of the rows of x
 };
 
-template <typename Vec>
+// One warp copies a row: as bytes (Elem = void: contiguous rows; kUnroll loads in flight per lane)
+// or as `Elem` elements `plan.step` apart (two loads in flight per lane). Both keep the kernels
+// within 64 registers without spills (ptxas -v, sm_80 and sm_90).
+template <typename Elem, int kUnroll = 4>
+__device__ __forceinline__ void warp_copy(char* dst, const char* src, const CopyPlan& plan, int lane) {
+  if constexpr (std::is_void_v<Elem>)
+    warp_copy_bytes<kUnroll>(dst, src, plan.units, lane);
+  else
+    warp_copy_row<2>(reinterpret_cast<Elem*>(dst), reinterpret_cast<const Elem*>(src), plan.step, plan.units, lane);
+}
+
+template <typename Elem>
 __global__ void __launch_bounds__(kThreads, 2) attentive_mask_kernel(MaskLaunch launch) {
   const MaskArgs& a = launch.a;
   const int L = launch.L;
@@ -35,8 +47,8 @@ __global__ void __launch_bounds__(kThreads, 2) attentive_mask_kernel(MaskLaunch 
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   uint64_t* keys = reinterpret_cast<uint64_t*>(smem_raw);     // [L]
-  int* tokens = reinterpret_cast<int*>(keys + L);               // [M] token (P + patch) of each kept slot
-  int* warp_sums = tokens + M;                                  // [32]
+  int* patches = reinterpret_cast<int*>(keys + L);              // [M] patch of each kept slot
+  int* warp_sums = patches + M;                                 // [32]
   unsigned char* unit_kept = reinterpret_cast<unsigned char*>(warp_sums + 32);  // [U]
 
   // 1. The rank key of every unit: the cell scores (sampled in the view's box when resampling),
@@ -112,7 +124,7 @@ __global__ void __launch_bounds__(kThreads, 2) attentive_mask_kernel(MaskLaunch 
   int64_t* idx = blockIdx.y == 0 ? a.idx + r * M : nullptr;
   for (int t = begin; t < end; ++t) {
     if (!patch_kept(t)) continue;
-    tokens[slot] = static_cast<int>(a.P) + t;
+    patches[slot] = t;
     if (idx) idx[slot] = t;
     ++slot;
   }
@@ -122,22 +134,21 @@ __global__ void __launch_bounds__(kThreads, 2) attentive_mask_kernel(MaskLaunch 
   const int64_t rows = a.P + M;
   const int64_t first = rows * blockIdx.y / gridDim.y, last = rows * (blockIdx.y + 1) / gridDim.y;
   const int lane = tid & 31, warp = tid >> 5;
+  const int64_t row_bytes = a.D * a.elsize;
   const char* src_row0 = a.x + r * a.xs[0] * a.elsize;
-  Vec* dst = reinterpret_cast<Vec*>(a.kept) + r * rows * launch.units;
+  char* dst = a.kept + r * rows * row_bytes;
   for (int64_t j = first + warp; j < last; j += kThreads / 32) {
-    const int64_t token = j < a.P ? j : tokens[j - a.P];
-    const Vec* src = reinterpret_cast<const Vec*>(src_row0 + token * a.xs[1] * a.elsize);
-    warp_copy_row(dst + j * launch.units, src, launch.src_step, launch.units, lane);
+    const int64_t token = j < a.P ? j : a.P + patches[j - a.P];
+    warp_copy<Elem>(dst + j * row_bytes, src_row0 + token * a.xs[1] * a.elsize, launch.copy, lane);
   }
 }
 
 struct BackwardLaunch {
   MaskBackwardArgs a;
-  int64_t src_step;
-  int units;
+  CopyPlan copy;  // of the rows of grad_kept
 };
 
-template <typename Vec>
+template <typename Elem>
 __global__ void __launch_bounds__(kThreads, 2) attentive_mask_backward_kernel(BackwardLaunch launch) {
   const MaskBackwardArgs& a = launch.a;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -155,16 +166,17 @@ __global__ void __launch_bounds__(kThreads, 2) attentive_mask_backward_kernel(Ba
   __syncthreads();
 
   const int64_t first = T * blockIdx.y / gridDim.y, last = T * (blockIdx.y + 1) / gridDim.y;
+  const int64_t row_bytes = a.D * a.elsize;
   const char* src_row0 = a.grad_kept + r * a.gs[0] * a.elsize;
-  Vec* dst = reinterpret_cast<Vec*>(a.grad_x) + r * T * launch.units;
+  char* dst = a.grad_x + r * T * row_bytes;
+  // The dropped patches' rows as zeros, then the others from grad_kept (two loops: fewer live registers).
+  for (int64_t t = (first > P ? first : P) + warp; t < last; t += kThreads / 32)
+    if (slot_of[t - P] < 0) warp_zero_bytes(dst + t * row_bytes, static_cast<int>(row_bytes), lane);
+  const int64_t src_step = a.gs[1] * a.elsize;
   for (int64_t t = first + warp; t < last; t += kThreads / 32) {
-    const int64_t j = t < P ? t : (slot_of[t - P] >= 0 ? P + slot_of[t - P] : -1);
-    if (j < 0) {
-      warp_zero_row(dst + t * launch.units, launch.units, lane);
-    } else {
-      const Vec* src = reinterpret_cast<const Vec*>(src_row0 + j * a.gs[1] * a.elsize);
-      warp_copy_row(dst + t * launch.units, src, launch.src_step, launch.units, lane);
-    }
+    const int slot = t < P ? -1 : slot_of[t - P];
+    if (t < P || slot >= 0) warp_copy<Elem, 3>(dst + t * row_bytes, src_row0 + (t < P ? t : P + slot) * src_step,
+                                            launch.copy, lane);
   }
 }
 
@@ -185,11 +197,10 @@ void launch_attentive_mask(const MaskArgs& a, cudaStream_t stream) {
   while (L < U) L <<= 1;
   const int64_t M = static_cast<int64_t>(a.num_units) * a.block * a.block;
   const int64_t bytes = 8 * static_cast<int64_t>(L) + 4 * (M + 32) + U;
-  const CopyPlan plan = plan_row_copy(a.x, a.kept, a.D, a.elsize, a.xs[0], a.xs[1], a.xs[2]);
-  const MaskLaunch launch{a, L, plan.step, plan.units};
+  const MaskLaunch launch{a, L, plan_row_copy(a.D, a.elsize, a.xs[2])};
   const dim3 grid(static_cast<unsigned>(a.Bx), row_splits(a.Bx, a.P + M));
-  dispatch_unit(plan.unit, [&](auto unit) {
-    auto kernel = attentive_mask_kernel<decltype(unit)>;
+  dispatch_unit(launch.copy.elem, [&](auto unit) {
+    auto kernel = attentive_mask_kernel<typename decltype(unit)::type>;
     reserve_shared_memory(kernel, bytes, "attentive_mask", "the units of the grid");
     kernel<<<grid, kThreads, bytes, stream>>>(launch);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -199,11 +210,10 @@ void launch_attentive_mask(const MaskArgs& a, cudaStream_t stream) {
 void launch_attentive_mask_backward(const MaskBackwardArgs& a, cudaStream_t stream) {
   if (a.Bx == 0) return;
   const int64_t bytes = 4 * std::max<int64_t>(a.N, 1);
-  const CopyPlan plan = plan_row_copy(a.grad_kept, a.grad_x, a.D, a.elsize, a.gs[0], a.gs[1], a.gs[2]);
-  const BackwardLaunch launch{a, plan.step, plan.units};
+  const BackwardLaunch launch{a, plan_row_copy(a.D, a.elsize, a.gs[2])};
   const dim3 grid(static_cast<unsigned>(a.Bx), row_splits(a.Bx, a.P + a.N));
-  dispatch_unit(plan.unit, [&](auto unit) {
-    auto kernel = attentive_mask_backward_kernel<decltype(unit)>;
+  dispatch_unit(launch.copy.elem, [&](auto unit) {
+    auto kernel = attentive_mask_backward_kernel<typename decltype(unit)::type>;
     reserve_shared_memory(kernel, bytes, "attentive_mask_backward", "the patches of x (N)");
     kernel<<<grid, kThreads, bytes, stream>>>(launch);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -54,21 +54,16 @@ __device__ __forceinline__ int block_exclusive_scan(int value, int* warp_sums) {
   return inclusive - value + (warp > 0 ? warp_sums[warp - 1] : 0);
 }
 
-// Copy units: rows are moved as arrays of W-byte units, W the widest of 16/8/4/2/1 that the row
-// width, the strides and the base pointers allow (16-byte vectors for aligned rows whose byte
-// width is a multiple of 16; the narrower units are the tail path for other widths and offsets).
-template <int W> struct Unit;
-template <> struct Unit<16> { using type = uint4; };
-template <> struct Unit<8> { using type = uint2; };
-template <> struct Unit<4> { using type = uint32_t; };
-template <> struct Unit<2> { using type = uint16_t; };
-template <> struct Unit<1> { using type = uint8_t; };
+// Copy units of 16, 8, 4, 2 or 1 bytes. Contiguous rows move as bytes (warp_copy_bytes: a head and a
+// tail of bytes around a body of the widest unit that the source and destination addresses allow,
+// 16-byte vectors when they agree modulo 16, whatever the row width); rows with a strided last
+// dimension move element by element (warp_copy_row with the element's unit and a source step).
 
-// One warp copies a row of `units` units; source unit j at src[j * step].
-template <typename U>
-__device__ __forceinline__ void warp_copy_row(U* __restrict__ dst, const U* __restrict__ src, int64_t step,
-                                              int units, int lane) {
-  constexpr int kUnroll = 4;
+// One warp copies a row of `units` units, kUnroll loads in flight per lane; source unit j at
+// src[j * step] (units < 2**31: checks.h bounds a row's bytes).
+template <int kUnroll = 4, typename U>
+__device__ __forceinline__ void warp_copy_row(U* __restrict__ dst, const U* __restrict__ src, int64_t step, int units,
+                                              int lane) {
   for (int base = lane; base < units; base += 32 * kUnroll) {
     U v[kUnroll];
 #pragma unroll
@@ -84,41 +79,81 @@ __device__ __forceinline__ void warp_copy_row(U* __restrict__ dst, const U* __re
   }
 }
 
-template <typename U>
-__device__ __forceinline__ void warp_zero_row(U* __restrict__ dst, int units, int lane) {
-  const U zero{};
-  for (int j = lane; j < units; j += 32) dst[j] = zero;
+// The bytes [0, head) before dst's first `w`-aligned address and the body of whole w-byte units
+// after it, for a row of `bytes` bytes (w a power of two).
+struct Split {
+  int head, body;
+};
+__device__ __forceinline__ Split split_row(const void* dst, int bytes, int w) {
+  const int to_aligned = (w - static_cast<int>(reinterpret_cast<uintptr_t>(dst) & (w - 1))) & (w - 1);
+  const int head = to_aligned < bytes ? to_aligned : bytes;
+  return {head, (bytes - head) / w};
 }
 
-// How rows of `width` elements of `elsize` bytes are copied from a source with element strides
-// (s0, s1, s2) at `src` to a contiguous destination at `dst`.
+template <int kUnroll, typename U>
+__device__ __forceinline__ void warp_copy_body(char* dst, const char* src, int units, int lane) {
+  warp_copy_row<kUnroll>(reinterpret_cast<U*>(dst), reinterpret_cast<const U*>(src), 1, units, lane);
+}
+
+// One warp copies `bytes` contiguous bytes: the head and the tail (under 16 bytes each) one byte per
+// lane, the body in units of the largest power of two (up to 16) dividing dst - src.
+template <int kUnroll = 4>
+__device__ __forceinline__ void warp_copy_bytes(char* __restrict__ dst, const char* __restrict__ src, int bytes,
+                                                int lane) {
+  const auto diff = static_cast<unsigned>((reinterpret_cast<uintptr_t>(src) ^ reinterpret_cast<uintptr_t>(dst)) & 15u);
+  const int w = diff ? static_cast<int>(diff & (0u - diff)) : 16;
+  const Split s = split_row(dst, bytes, w);
+  const int tail = s.head + s.body * w;
+  if (lane < s.head) dst[lane] = src[lane];
+  if (lane < bytes - tail) dst[tail + lane] = src[tail + lane];
+  char* d = dst + s.head;
+  const char* from = src + s.head;
+  switch (w) {
+    case 16: warp_copy_body<kUnroll, uint4>(d, from, s.body, lane); break;
+    case 8: warp_copy_body<kUnroll, uint2>(d, from, s.body, lane); break;
+    case 4: warp_copy_body<kUnroll, uint32_t>(d, from, s.body, lane); break;
+    case 2: warp_copy_body<kUnroll, uint16_t>(d, from, s.body, lane); break;
+    default: warp_copy_body<kUnroll, uint8_t>(d, from, s.body, lane); break;
+  }
+}
+
+// One warp zeroes `bytes` contiguous bytes: 16-byte stores between a head and a tail of bytes.
+__device__ __forceinline__ void warp_zero_bytes(char* __restrict__ dst, int bytes, int lane) {
+  const Split s = split_row(dst, bytes, 16);
+  const int tail = s.head + s.body * 16;
+  if (lane < s.head) dst[lane] = 0;
+  if (lane < bytes - tail) dst[tail + lane] = 0;
+  uint4* body = reinterpret_cast<uint4*>(dst + s.head);
+  const uint4 zero{};
+  for (int j = lane; j < s.body; j += 32) body[j] = zero;
+}
+
+// How rows of `width` elements of `elsize` bytes, the source's elements `s2` apart, are copied to a
+// contiguous destination.
 struct CopyPlan {
-  int unit;        // bytes per unit
-  int units;       // units per row
-  int64_t step;    // source units between consecutive units of a row
+  int elem;        // 0: contiguous rows, copied as bytes; else the element's bytes (a strided row)
+  int units;       // per row: bytes (contiguous) or elements (strided)
+  int64_t step;    // source elements between consecutive elements of a strided row
 };
 
-inline CopyPlan plan_row_copy(const void* src, const void* dst, int64_t width, int64_t elsize, int64_t s0,
-                              int64_t s1, int64_t s2) {
+inline CopyPlan plan_row_copy(int64_t width, int64_t elsize, int64_t s2) {
   if (width > 1 && s2 != 1) return {static_cast<int>(elsize), static_cast<int>(width), s2};
-  const auto a = reinterpret_cast<uintptr_t>(src), b = reinterpret_cast<uintptr_t>(dst);
-  const int64_t bytes = width * elsize;
-  for (int w = 16; w > 1; w >>= 1)
-    if (bytes % w == 0 && a % w == 0 && b % w == 0 && (s0 * elsize) % w == 0 && (s1 * elsize) % w == 0)
-      return {w, static_cast<int>(bytes / w), 1};
-  return {1, static_cast<int>(bytes), 1};
+  return {0, static_cast<int>(width * elsize), 1};
 }
 
-// Calls f(Unit<W>::type{}) for the plan's unit width.
+template <typename T> struct Tag { using type = T; };
+
+// Calls f(Tag<T>{}) for the unsigned type T of `elem` bytes (uint2: 8 bytes), T = void for
+// contiguous rows (elem 0).
 template <typename F>
-void dispatch_unit(int unit, F&& f) {
-  switch (unit) {
-    case 16: f(uint4{}); break;
-    case 8: f(uint2{}); break;
-    case 4: f(uint32_t{}); break;
-    case 2: f(uint16_t{}); break;
-    case 1: f(uint8_t{}); break;
-    default: TORCH_CHECK(false, "aclip_kernels: cannot copy elements of ", unit, " bytes");
+void dispatch_unit(int elem, F&& f) {
+  switch (elem) {
+    case 0: f(Tag<void>{}); break;
+    case 1: f(Tag<uint8_t>{}); break;
+    case 2: f(Tag<uint16_t>{}); break;
+    case 4: f(Tag<uint32_t>{}); break;
+    case 8: f(Tag<uint2>{}); break;
+    default: TORCH_CHECK(false, "aclip_kernels: cannot copy elements of ", elem, " bytes");
   }
 }
 

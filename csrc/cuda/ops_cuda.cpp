@@ -28,11 +28,9 @@ void copy_strides(int64_t (&dst)[R], const at::Tensor& t) {
 
 at::Tensor cls_attention(const at::Tensor& q, const at::Tensor& k, int64_t num_prefix_tokens, double scale,
                          const std::optional<at::Tensor>& prior) {
-  TORCH_CHECK(q.is_cuda(), "cls_attention: q is on ", q.device(), "; the CUDA kernel needs CUDA tensors");
+  check_device_type("cls_attention", "q", q, at::kCUDA);
   const ClsAttentionShape s = check_cls_attention(q, k, num_prefix_tokens, prior);
   const int64_t B = s.B, H = s.H, Dh = s.Dh, T = s.T, P = s.P;
-  TORCH_CHECK_VALUE(B <= INT32_MAX && H <= INT32_MAX && Dh <= INT32_MAX, "cls_attention: shapes too large: k ",
-                    k.sizes());
   const DType dtype = dtype_of(q);
   const c10::cuda::CUDAGuard guard(q.device());
   const auto out_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -51,7 +49,7 @@ std::tuple<at::Tensor, at::Tensor> attentive_mask(
     const std::optional<at::Tensor>& k, const std::optional<at::Tensor>& prior,
     const std::optional<at::Tensor>& boxes, int64_t num_prefix_tokens, at::IntArrayRef score_grid,
     at::IntArrayRef grid, int64_t block, int64_t num_units, double scale) {
-  TORCH_CHECK(x.is_cuda(), "attentive_mask: x is on ", x.device(), "; the CUDA kernel needs CUDA tensors");
+  check_device_type("attentive_mask", "x", x, at::kCUDA);
   const MaskShape s = check_attentive_mask(x, scores, q, k, prior, boxes, num_prefix_tokens, score_grid, grid, block,
                                            num_units);
   const int64_t P = s.P, Bx = s.Bx, D = s.D;
@@ -87,8 +85,7 @@ std::tuple<at::Tensor, at::Tensor> attentive_mask(
 
 at::Tensor attentive_mask_backward(const at::Tensor& grad_kept, const at::Tensor& idx_in, int64_t num_prefix_tokens,
                                    int64_t num_patches) {
-  TORCH_CHECK(grad_kept.is_cuda(), "attentive_mask_backward: grad_kept is on ", grad_kept.device(),
-              "; the CUDA kernel needs CUDA tensors");
+  check_device_type("attentive_mask_backward", "grad_kept", grad_kept, at::kCUDA);
   const c10::cuda::CUDAGuard guard(grad_kept.device());
   check_attentive_mask_backward(grad_kept, idx_in, num_prefix_tokens, num_patches);
   const at::Tensor idx = idx_in.contiguous();

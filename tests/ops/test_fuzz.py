@@ -136,8 +136,7 @@ def test_cpu(problem):
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @settings(max_examples=30, **FUZZ)
 @given(problem=mask_problems())
-def test_triton(problem, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+def test_triton(problem):
     check_problem(_public("triton"), problem,
                   lambda q, k, p: ak.cls_attention(q, k, num_prefix_tokens=p, backend="triton"))
 

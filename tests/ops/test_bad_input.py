@@ -1,4 +1,4 @@
-"""Every hostile-input probe of tests/bad_input_probes.py on every backend that runs here.
+"""Every hostile-input probe of tests/ops/bad_input_probes.py on every backend that runs here.
 
 Public probes go through the public API on the ``torch``, ``cpu`` and ``triton`` (interpreter)
 backends; direct probes call the schema ops of the installed library (``cpu``), of the Triton
@@ -42,7 +42,7 @@ def _worker_results(kind: str, backend: str, library: Optional[Path]) -> Dict[st
     while start < count:
         cmd = [sys.executable, str(WORKER), kind, backend, str(start)] + ([str(library)] if library else [])
         try:
-            run = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=HERE.parent)
+            run = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=HERE.parents[1])
             stdout, stderr, status = run.stdout, run.stderr, run.returncode
         except subprocess.TimeoutExpired as timeout:
             stdout = timeout.stdout.decode() if isinstance(timeout.stdout, bytes) else (timeout.stdout or "")

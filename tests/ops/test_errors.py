@@ -63,9 +63,12 @@ def test_cls_attention_rejects():
         ak.cls_attention(Q[0], K)
     with pytest.raises(TypeError, match="k must be a floating-point"):
         ak.cls_attention(Q, K.int())
-    with pytest.raises(ValueError, match=r"out must be a float32 tensor \[B, N\] = \[2, 196\]"):
+    with pytest.raises(ValueError, match=r"prior must be \[Bs, N\] = \[2, 196\]"):
+        ak.cls_attention(Q, K, prior=torch.zeros(2, 197))
+    with pytest.raises(ValueError, match=r"out must be a float32 tensor \[B, N\] = \[2, 196\]"), \
+            pytest.warns(DeprecationWarning):
         ak.cls_attention(Q, K, out=torch.zeros(2, 197))
-    with pytest.raises(ValueError, match="out must be a float32"):
+    with pytest.raises(ValueError, match="out must be a float32"), pytest.warns(DeprecationWarning):
         ak.cls_attention(Q, K, out=torch.zeros(2, 196, dtype=torch.float16))
 
 

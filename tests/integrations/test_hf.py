@@ -228,7 +228,7 @@ def test_bad_models_and_attention_backends_are_refused():
 def test_examples_run_one_aclip_step(script, tokens, capsys):
     """examples/hf_*_aclip.py: one step (offline, random weights); the masked views' token count."""
     pytest.importorskip("tokenizers")
-    runpy.run_path(str(pathlib.Path(__file__).parents[1] / "examples" / script), run_name="__main__")
+    runpy.run_path(str(pathlib.Path(__file__).parents[2] / "examples" / script), run_name="__main__")
     out = capsys.readouterr().out
     loss = float(re.search(r"loss (\S+),", out)[1])
     assert math.isfinite(loss) and f"tokens per view {tokens} " in out and "scores (2, 196) on grid (14, 14)" in out

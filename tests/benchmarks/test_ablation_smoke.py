@@ -4,7 +4,7 @@ import importlib.util
 import json
 import pathlib
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "ablation.py"
+SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "ablation.py"
 
 
 def _load():

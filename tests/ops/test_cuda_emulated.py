@@ -91,6 +91,16 @@ def test_shared_memory_limit_is_checked_on_the_host(ops):
         emulated_mask(ops, x, scores, keep=10)
 
 
+def test_rows_of_2_gib_are_rejected_on_the_host(ops):
+    """The kernels copy a row with int32 byte indices: a row of 2**31 bytes (4 GiB of x, reserved,
+    not written) is a ValueError naming x before any kernel runs."""
+    x = torch.empty(1, 2, 2 ** 30, dtype=torch.float16)
+    with pytest.raises(ValueError, match="rows of x"):
+        emulated_mask(ops, x, torch.rand(1, 1, 1), keep=1)
+    with pytest.raises(ValueError, match="rows of grad_kept"):
+        ops.attentive_mask_backward(x, torch.zeros(1, 1, dtype=torch.long), 1, 1)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("prefix", [0, 1, 5])
 @pytest.mark.parametrize("strided", [False, True])
@@ -103,12 +113,35 @@ def test_cls_attention_matches_reference(ops, dtype, prefix, strided, shape):
     assert_cls_attention_close(ops.cls_attention(q, k, prefix, dh ** -0.5, None), q, k, prefix)
 
 
+@pytest.mark.parametrize("layout", ["one-vector-per-key", "offset-by-one", "head-dim-12", "last-dim-stride2"])
+def test_cls_attention_vector_and_element_loads(ops, layout):
+    """Key rows read as 16-byte vectors (one per key: Dh=8 bfloat16) and element by element when a
+    row start is misaligned, Dh * itemsize is no multiple of 16, or the head dim is strided."""
+    q, k = cls_attention_inputs(2, 3, 21, 12 if layout == "head-dim-12" else 8, torch.bfloat16)
+    if layout == "offset-by-one":
+        k = torch.cat([k.new_zeros(1), k.flatten()])[1:].view(k.shape)
+    elif layout == "last-dim-stride2":
+        k = torch.stack([k, torch.zeros_like(k)], dim=-1)[..., 0]
+    assert_cls_attention_close(ops.cls_attention(q, k, 1, q.shape[-1] ** -0.5, None), q, k, 1)
+
+
 def test_cls_attention_adds_prior(ops):
     q, k = cls_attention_inputs(4, 12, 197, 64, torch.bfloat16, strided=True)
     prior = torch.rand(4, 196)
     rtol, atol = CLS_ATTENTION_TOL[torch.bfloat16]
     torch.testing.assert_close(ops.cls_attention(q, k, 1, 0.125, prior), prior + cls_attention_ref(q, k, 1),
                                rtol=rtol, atol=atol)
+
+
+def test_offsets_past_int32(ops, far_apart, far_apart_inputs):
+    """Every offset product must be int64: the images of x, k and grad_kept are 2**31 + 64 elements apart."""
+    inputs = far_apart_inputs
+    kept, idx = emulated_mask(ops, **inputs)
+    assert_mask_matches_reference(kept, idx, inputs)
+    q, k = inputs["q"], inputs["k"]
+    assert_cls_attention_close(ops.cls_attention(q, k, 1, 8 ** -0.5, None), q, k, 1)
+    grad_x = ops.attentive_mask_backward(far_apart(kept), idx, 1, 16)
+    torch.testing.assert_close(grad_x, scatter_tokens_ref(kept, idx, 1, 16), rtol=0, atol=0)
 
 
 @pytest.mark.skipif(ASAN, reason="this is the AddressSanitizer run")

@@ -1,8 +1,8 @@
-"""Hostile-input probes of the ops, run by tests/test_bad_input.py in child processes.
+"""Hostile-input probes of the ops, run by tests/ops/test_bad_input.py in child processes.
 
 Each probe is a call with bad (or unusual but valid) arguments. ``public`` probes call the public
 API (``ak.attentive_mask`` ...) with ``backend=``; ``direct`` probes call an op of the schema of
-csrc/ops.cpp directly, as anyone can through torch.ops, bypassing the Python checks. A probe
+aclip_kernels/ops/<op>.py directly, as anyone can through torch.ops, bypassing the Python checks. A probe
 ``expects`` an exception type whose message names every word of ``names``, or ``None``: the call is
 valid and must return what the reference returns.
 
@@ -236,8 +236,6 @@ def run(kind: str, backend: str, start: int) -> None:
         call = lambda probe: probe.call(target, backend)  # noqa: E731
     else:
         import aclip_kernels  # noqa: F401  (registers the installed ops and the Triton ones)
-        if backend == "triton":
-            import aclip_kernels.triton  # noqa: F401
         target = Direct(backend)
         call = lambda probe: probe.call(target)  # noqa: E731
     for i in range(start, len(probes)):
@@ -254,8 +252,12 @@ def run(kind: str, backend: str, start: int) -> None:
 
 if __name__ == "__main__":
     kind, backend, start = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    if len(sys.argv) > 4:
-        torch.ops.load_library(sys.argv[4])
     if backend == "triton" and not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
+    if len(sys.argv) > 4:  # a native test build (tests/conftest.py): its kernels, under the package's schemas
+        from pathlib import Path
+
+        from aclip_kernels.ops._define import define_schemas
+        torch.ops.load_library(sys.argv[4])
+        define_schemas(Path(sys.argv[4]).stem)
     run(kind, backend, start)
