@@ -7,12 +7,8 @@ prints one JSON line per compiled variant (kernel, variant, cc, config, ok, erro
 mul.rn and ftz instructions, and of 16-byte global loads / stores).
 The variants are built from real launch arguments (``forward_launch`` etc.), so their signatures
 are the ones a launch would produce.
-
-    python -m aclip_kernels.triton.compile_check --facts --out benchmarks/results/compile_facts.md
-
-writes the compile-facts table instead (``compile_facts.py``): per variant, for sm_80, sm_90 and
-AMD gfx942, registers, spills, the widths of the row copies' global accesses and the barriers in
-the selection phase.
+The compile-facts table (registers, spills, copy widths, barriers for sm_80, sm_90 and gfx942) is
+``python -m aclip_kernels.triton.compile_facts`` (built on these variants).
 """
 from __future__ import annotations
 
@@ -181,18 +177,10 @@ def main(argv=None) -> int:
     parser.add_argument("--all-configs", action="store_true")
     parser.add_argument("--mutation-analysis", action="store_true",
                         help="print what torch.compile's analysis thinks each variant writes instead")
-    parser.add_argument("--facts", action="store_true",
-                        help="write the compile-facts table (sm_80, sm_90, gfx942) instead")
-    parser.add_argument("--out", default=None, help="with --facts: the markdown file (JSON next to it)")
-    parser.add_argument("--only", nargs="+", default=None, metavar="KERNEL/VARIANT",
-                        help="with --facts: only these variants (e.g. attentive_mask_fwd/float32-b1)")
     args = parser.parse_args(argv)
     if INTERPRET:
         print("TRITON_INTERPRET=1 is set; unset it to compile", file=sys.stderr)
         return 2
-    if args.facts:
-        from .compile_facts import main as facts_main
-        return facts_main(args.out, args.only)
     if args.mutation_analysis:
         for record in mutation_analysis(args.cc[-1]):
             print(json.dumps(record), flush=True)

@@ -9,7 +9,8 @@ sm_80, sm_90 (PTX, then ``ptxas -v``) and AMD gfx942 (AMDGCN), and per variant a
 - the barriers (``bar.sync``, ``s_barrier``) in the selection phase: the static count in the
   selection lines; the 32-step bitwise search is a runtime loop, so its body's barriers run per step.
 
-    python -m aclip_kernels.triton.compile_check --facts --out benchmarks/results/compile_facts.md
+    python -m aclip_kernels.triton.compile_facts --out benchmarks/results/compile_facts.md
+           [--only KERNEL/VARIANT ...]      (TRITON_INTERPRET must be unset)
 """
 from __future__ import annotations
 
@@ -251,7 +252,7 @@ def markdown(records: List[dict]) -> str:
         return "/".join(map(str, w)) or "-"
     lines = ["# Compile facts of the Triton kernels", "",
              f"Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, triton {triton.__version__}, "
-             "without a GPU, by `python -m aclip_kernels.triton.compile_check --facts --out "
+             "without a GPU, by `python -m aclip_kernels.triton.compile_facts --out "
              "benchmarks/results/compile_facts.md` (first autotune config of each variant).",
              "Registers: per thread (VGPRs on gfx942). Spills: bytes of spill stores + loads (ptxas -v) on CUDA, "
              "spilled VGPRs + SGPRs on gfx942. Copy ld/st: widths in bytes of the global accesses on the row-copy "
@@ -269,7 +270,22 @@ def markdown(records: List[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(out: Optional[str] = None, subset: Optional[List[str]] = None) -> int:
+def main(argv=None) -> int:
+    import argparse
+    import sys
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None, help="the markdown file (JSON next to it); default: print")
+    parser.add_argument("--only", nargs="+", default=None, metavar="KERNEL/VARIANT",
+                        help="only these variants (e.g. attentive_mask_fwd/float32-b1), without the CUDA kernels")
+    args = parser.parse_args(argv)
+    if cc.INTERPRET:
+        print("TRITON_INTERPRET=1 is set; unset it to compile", file=sys.stderr)
+        return 2
+    return write(args.out, args.only)
+
+
+def write(out: Optional[str] = None, subset: Optional[List[str]] = None) -> int:
+    """Compile, print the JSON records, write the table; 1 if ``problems`` found any."""
     records = []
     for record in facts(subset):
         print(json.dumps(record), flush=True)
@@ -284,3 +300,7 @@ def main(out: Optional[str] = None, subset: Optional[List[str]] = None) -> int:
     else:
         print(text)
     return 1 if problems(records) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -100,12 +100,13 @@ FACT_VARIANTS = ("attentive_mask_fwd/float32-b1-d100", "attentive_mask_fwd/bfloa
 
 
 def test_compile_facts_no_spills_and_vector_row_copies(tmp_path):
-    """The compile-facts check (``compile_check --facts``): no variant spills, and every row copy
-    whose D * itemsize is a multiple of 16 bytes uses 16-byte global accesses, on each target."""
+    """The compile-facts check (``python -m aclip_kernels.triton.compile_facts``): no variant
+    spills, and every row copy whose D * itemsize is a multiple of 16 bytes uses 16-byte global
+    accesses, on each target."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
     out = tmp_path / "facts.md"
-    proc = subprocess.run([sys.executable, "-m", "aclip_kernels.triton.compile_check", "--facts", "--out", str(out),
+    proc = subprocess.run([sys.executable, "-m", "aclip_kernels.triton.compile_facts", "--out", str(out),
                            "--only", *FACT_VARIANTS], capture_output=True, text=True, env=env, timeout=600)
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert {(r["kernel"] + "/" + r["variant"], r["target"]) for r in records} == {
