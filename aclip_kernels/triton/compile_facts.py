@@ -192,6 +192,13 @@ _TYPES = {"h": "u8", "t": "u16", "j": "u32", "5uint2": "uint2", "5uint4": "uint4
           "dd": "double", "13__nv_bfloat16f": "bf16", "6__halff": "half"}
 
 
+def _template_args(code: str) -> str:
+    """The mangled template arguments of a kernel, readable: ``13__nv_bfloat16fLb1E`` -> ``bf16, true``."""
+    flags = re.findall(r"Lb([01])E", code)
+    code = re.sub(r"Lb[01]E", "", code)
+    return ", ".join([_TYPES.get(code, code)] + ["true" if f == "1" else "false" for f in flags])
+
+
 def _nvcc() -> Optional[Path]:
     import os
     nvcc = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc"
@@ -215,7 +222,7 @@ def cuda_facts(archs=(80, 90)) -> List[dict]:
             for block in proc.stderr.split("Compiling entry function")[1:]:
                 mangled = re.match(r"\s*'(\S+)'", block).group(1)
                 m = re.search(r"\d+([a-z_]+kernel)I(\w+?)EEv", mangled)  # a length-prefixed name, then <args>
-                name = f"{m.group(1)}<{_TYPES.get(m.group(2), m.group(2))}>" if m else mangled
+                name = f"{m.group(1)}<{_template_args(m.group(2))}>" if m else mangled
                 regs = re.search(r"Used (\d+) registers", block)
                 barriers = re.search(r"used (\d+) barriers", block)
                 records.append(dict(source=source.name, kernel=name, target=f"sm_{arch}",
@@ -227,7 +234,7 @@ def cuda_facts(archs=(80, 90)) -> List[dict]:
 
 def cuda_markdown(records: List[dict]) -> str:
     lines = ["", "## CUDA kernels of csrc/cuda (`nvcc -Xptxas -v`)", "",
-             "The template argument is the copy unit (u16 = 2 bytes ... uint4 = 16 bytes). Spills: bytes of "
+             "The attentive_mask kernels' template argument is the copy unit (u8 = 1 byte ... uint4 = 16 bytes); cls_attention_kernel's are the input type and the kernel's boolean template flag. Spills: bytes of "
              "spill stores + loads. Barriers: named barriers the kernel uses.", "",
              "| source | kernel | target | registers | spills | barriers |", "|---|---|---|---:|---:|---:|"]
     lines += [f"| {r['source']} | {r['kernel']} | {r['target']} | {r['registers']} | {r['spills']} | {r['barriers']} |"
