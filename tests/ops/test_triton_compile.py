@@ -99,6 +99,16 @@ FACT_VARIANTS = ("attentive_mask_fwd/float32-b1-d100", "attentive_mask_fwd/bfloa
                  "attentive_mask_bwd/bfloat16")
 
 
+def _triton_version() -> tuple:
+    import triton
+    return tuple(int(p) for p in triton.__version__.split(".")[:2])
+
+
+# A known defect, open in issue #14: with Triton 3.6 (the GPU machine's version) ptxas spills 40
+# bytes on sm_90 in the first autotune config (32 rows x 256 columns, 4 warps) of the fused bf16
+# ViT-B/16 variant; Triton 3.8 does not. Strict: the test fails once 3.6 stops spilling.
+@pytest.mark.xfail(_triton_version() < (3, 7), strict=True,
+                   reason="Triton 3.6 spills 40 B on sm_90 in the fused bf16 variant (issue #14)")
 def test_compile_facts_no_spills_and_vector_row_copies(tmp_path):
     """The compile-facts check (``python -m aclip_kernels.triton.compile_facts``): no variant
     spills, and every row copy whose D * itemsize is a multiple of 16 bytes uses 16-byte global
