@@ -1,13 +1,36 @@
-// cls_attention on CUDA: one thread block per batch row, heads in chunks that fit in shared memory
-// (all heads of a ViT-B/L row at once). The block computes all logits q_h . k_{h,t} * scale of a
-// chunk, key tile by key tile over the chunk's heads: the (key, head) pairs go token-major to groups
-// of lanes, so that a warp reads the heads of one token, contiguous in timm's packed qkv layout, and
-// several pairs are in flight per lane; each lane reads its share of a key row as 16-byte vectors
-// when the rows allow it (contiguous, 16-byte aligned, Dh * itemsize a multiple of 16), else element
-// by element (any strides). k is read once. Then one warp per head runs an online softmax over its T
-// logits (running max and sum per lane, merged across lanes), and the row's accumulator gets
-// softmax / H, heads in ascending order. Accumulation in float32 (float64 for float64 inputs);
-// deterministic (no atomics).
+// cls_attention on CUDA: a 512-thread block per (image, head group), heads in chunks that fit in
+// shared memory. The block computes all logits q_h . k_{h,t} * scale of a chunk, key tile by key
+// tile over the chunk's heads: the (key, head) pairs go token-major to groups of lanes, so that a
+// warp reads the heads of one token, contiguous in timm's packed qkv layout, and several pairs are in
+// flight per lane; each lane reads its share of a key row as 16-byte vectors when the rows allow it
+// (contiguous, 16-byte aligned, Dh * itemsize a multiple of 16), else element by element (any
+// strides). k is read once. Then one warp per head runs an online softmax over its T logits (running
+// max and sum per lane, merged across lanes), and the block's accumulator gets the softmax of each
+// head in ascending order. Accumulation in float32 (float64 for float64 inputs); deterministic (no
+// atomics).
+//
+// Split over head groups. One block per image fills the GPU only at training batches; a small batch
+// (eval B=8, a micro-batch of 16-64) would leave most SMs idle, each busy one streaming a whole
+// image's k. So the grid is (B, G): block (b, g) takes heads [g*H/G, (g+1)*H/G) (G <= H: no group is
+// empty, sizes differ by at most one) and G comes from cls_attention_groups: the most groups with
+// B * G <= 2 * SMs (one wave at two resident blocks per SM, what B >= 2 * SMs gets unsplit), at
+// least 1, at most H. G = 1 is the unsplit path: the block writes prior + sum / H itself, no
+// workspace. G > 1: each block writes its sum over its heads to a [B, G, N] workspace and a second
+// kernel adds the G partial sums of each score in order g = 0..G-1, then prior + sum / H, so the
+// result does not depend on which block finishes first. A second kernel rather than the last block
+// of an image reducing (an atomic counter and __threadfence): the counters would have to be zeroed
+// before every launch (a memset, another launch anyway) or kept self-resetting in a buffer shared
+// by every stream of the device (wrong when two streams run the op at once, or after an aborted
+// launch); the second launch reads B * G * N floats, a few percent of the bytes of k.
+//
+// Bandwidth (an estimate, not a measurement: no GPU here). ViT-B/16 at 224 in bf16, H=12, T=197,
+// Dh=64: k is 302,592 bytes per image (q 1.5 KB, the output 784 bytes), the workspace of a split
+// 2 * G * N * 4 bytes more (18.8 KB at G=12, 6%). On an H200 (132 SMs, ~4.8 TB/s HBM3e):
+//   B=256: G=1,  256 blocks, 77 MB, ~16 us at peak bandwidth;
+//   B=64:  G=4,  256 blocks (64 unsplit: half the SMs idle), 19.8 MB, ~4 us at peak;
+//   B=8:   G=12, 96 blocks (8 unsplit), 2.6 MB, ~0.5 us at peak: launch latency (a few us per
+//          launch, two launches) dominates; unsplit, one SM streams each image's 303 KB, ~8 us at
+//          the peak's per-SM share (36 GB/s).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -23,6 +46,8 @@ namespace {
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int kKeysPerLane = 4;  // keys whose loads a lane has in flight at once
+constexpr int kCombineThreads = 256;
+constexpr int64_t kMaxGroups = 65535;  // gridDim.y
 
 __device__ __forceinline__ float to_acc(float v) { return v; }
 __device__ __forceinline__ double to_acc(double v) { return v; }
@@ -38,6 +63,13 @@ __device__ __forceinline__ acc_t rescaled(acc_t sum, acc_t max, acc_t top) {
   return sum == acc_t(0) ? acc_t(0) : sum * exp_acc(max - top);
 }
 
+// out[i] = prior[i] + sum / H, i = b * N + n: the score from the sum of its heads' softmax entries.
+template <typename acc_t>
+__device__ __forceinline__ void write_score(const ClsAttentionArgs& a, int64_t i, acc_t sum) {
+  const auto* prior = static_cast<const acc_t*>(a.prior);
+  static_cast<acc_t*>(a.out)[i] = (prior ? prior[i] : acc_t(0)) + sum / static_cast<acc_t>(a.H);
+}
+
 // Lanes per (key, head) pair and the number of elements a lane takes per step: one 16-byte vector
 // (kVec) or one element.
 template <typename scalar_t, bool kVec>
@@ -49,23 +81,24 @@ template <typename scalar_t, typename acc_t, bool kVec>
 __global__ void __launch_bounds__(kThreads) cls_attention_kernel(ClsAttentionArgs a, int group, int chunk) {
   constexpr int kElems = KeyLoad<scalar_t, kVec>::kElems;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int H = static_cast<int>(a.H), T = static_cast<int>(a.T), Dh = static_cast<int>(a.Dh);
+  const int T = static_cast<int>(a.T), Dh = static_cast<int>(a.Dh);
   const int P = static_cast<int>(a.P), N = T - P, steps = Dh / kElems;
   acc_t* qh = reinterpret_cast<acc_t*>(smem_raw);  // [chunk, Dh]
   acc_t* logits = qh + chunk * Dh;                  // [chunk, T]
-  acc_t* mean = logits + chunk * T;                 // [N]
-  acc_t* stats = mean + N;                          // [chunk, 2]: max, sum
+  acc_t* head_sum = logits + chunk * T;  // [N]: sum over the block's heads
+  acc_t* stats = head_sum + N;           // [chunk, 2]: max, sum
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gl = lane % group;
   const int groups = kThreads / group, keys_per_warp = 32 / group;
-  const int64_t b = blockIdx.x;
+  const int64_t b = blockIdx.x, g = blockIdx.y;
+  const int h_begin = static_cast<int>(a.H * g / a.groups), h_end = static_cast<int>(a.H * (g + 1) / a.groups);
   const auto* q = static_cast<const scalar_t*>(a.q) + b * a.qs[0];
   const auto* k = static_cast<const scalar_t*>(a.k) + b * a.ks[0];
   const acc_t scale = static_cast<acc_t>(a.scale);
 
-  for (int n = tid; n < N; n += kThreads) mean[n] = acc_t(0);
-  for (int h0 = 0; h0 < H; h0 += chunk) {
-    const int heads = min(chunk, H - h0), pairs = heads * T;
+  for (int n = tid; n < N; n += kThreads) head_sum[n] = acc_t(0);
+  for (int h0 = h_begin; h0 < h_end; h0 += chunk) {
+    const int heads = min(chunk, h_end - h0), pairs = heads * T;
     for (int i = tid; i < heads * Dh; i += kThreads)
       qh[i] = to_acc(q[(h0 + i / Dh) * a.qs[1] + (i % Dh) * a.qs[2]]);
     __syncthreads();
@@ -146,18 +179,33 @@ __global__ void __launch_bounds__(kThreads) cls_attention_kernel(ClsAttentionArg
     }
     __syncthreads();
     for (int n = tid; n < N; n += kThreads) {
-      acc_t v = mean[n];
+      acc_t v = head_sum[n];
       for (int hh = 0; hh < heads; ++hh) v += exp_acc(logits[hh * T + P + n] - stats[2 * hh]) / stats[2 * hh + 1];
-      mean[n] = v;
+      head_sum[n] = v;
     }
     __syncthreads();
   }
-  const auto* prior = static_cast<const acc_t*>(a.prior);
-  auto* out = static_cast<acc_t*>(a.out) + b * N;
-  const acc_t num_heads = static_cast<acc_t>(H);
-  for (int n = tid; n < N; n += kThreads) {
-    const acc_t base = prior ? prior[b * N + n] : acc_t(0);
-    out[n] = base + mean[n] / num_heads;
+  if (a.groups > 1) {
+    auto* partial = static_cast<acc_t*>(a.partial) + (b * a.groups + g) * N;
+    for (int n = tid; n < N; n += kThreads) partial[n] = head_sum[n];
+  } else {
+    for (int n = tid; n < N; n += kThreads) write_score(a, b * N + n, head_sum[n]);
+  }
+}
+
+// The G > 1 path's second kernel: score i = b * N + n of out from the [B, G, N] partial sums, added
+// in ascending g.
+template <typename acc_t>
+__global__ void __launch_bounds__(kCombineThreads) cls_attention_combine_kernel(ClsAttentionArgs a) {
+  const int64_t N = a.T - a.P, total = a.B * N;
+  const auto* partial = static_cast<const acc_t*>(a.partial);
+  for (int64_t i = blockIdx.x * int64_t{kCombineThreads} + threadIdx.x; i < total;
+       i += int64_t{gridDim.x} * kCombineThreads) {
+    const int64_t b = i / N;
+    const acc_t* p = partial + b * a.groups * N + (i - b * N);
+    acc_t sum = acc_t(0);
+    for (int64_t g = 0; g < a.groups; ++g) sum += p[g * N];
+    write_score(a, i, sum);
   }
 }
 
@@ -176,15 +224,22 @@ void launch_rows(const ClsAttentionArgs& a, cudaStream_t stream) {
   const int64_t per_lane = kVec ? KeyLoad<scalar_t, kVec>::kElems : 8;
   int group = 1;
   while (group < 32 && group * per_lane < a.Dh) group <<= 1;
-  // Heads per chunk: up to one per warp, within 64 KiB of logits and queries.
+  // Heads per chunk: up to one per warp and a group's heads, within 64 KiB of logits and queries.
   const int64_t elem = sizeof(acc_t), N = a.T - a.P;
-  int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(a.H, kWarps));
+  int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(ceil_div(a.H, a.groups), kWarps));
   while (chunk > 1 && chunk * (a.Dh + a.T + 2) * elem > 64 * 1024) --chunk;
   const int64_t bytes = (chunk * (a.Dh + a.T + 2) + N) * elem;
   auto kernel = cls_attention_kernel<scalar_t, acc_t, kVec>;
   reserve_shared_memory(kernel, bytes, "cls_attention", "the keys of k (T) and the head dim");
-  kernel<<<static_cast<unsigned>(a.B), kThreads, bytes, stream>>>(a, group, static_cast<int>(chunk));
+  const dim3 grid(static_cast<unsigned>(a.B), static_cast<unsigned>(a.groups));
+  kernel<<<grid, kThreads, bytes, stream>>>(a, group, static_cast<int>(chunk));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (a.groups > 1) {
+    const auto blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(a.B * N, kCombineThreads), 1 << 20));
+    auto combine = cls_attention_combine_kernel<acc_t>;
+    combine<<<blocks, kCombineThreads, 0, stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 template <typename scalar_t, typename acc_t>
@@ -195,9 +250,21 @@ void launch(const ClsAttentionArgs& a, cudaStream_t stream) {
     launch_rows<scalar_t, acc_t, false>(a, stream);
 }
 
+// Head groups per image for B images of H heads on `sms` SMs (see the header comment).
+int64_t split_groups(int64_t B, int64_t H, int64_t sms) {
+  return std::clamp<int64_t>(2 * sms / std::max<int64_t>(B, 1), 1, std::min(H, kMaxGroups));
+}
+
 }  // namespace
 
+int64_t cls_attention_groups(const ClsAttentionArgs& a) {
+  return split_groups(a.B, a.H, device_attribute(cudaDevAttrMultiProcessorCount));
+}
+
 void launch_cls_attention(const ClsAttentionArgs& a, cudaStream_t stream) {
+  TORCH_CHECK(a.groups >= 1 && a.groups <= std::min(a.H, kMaxGroups) && (a.groups == 1 || a.partial),
+              "cls_attention: groups=", a.groups, " must be in [1, min(H, 65535)] (H=", a.H,
+              "), with a workspace when > 1");
   if (a.B == 0) return;
   switch (a.dtype) {
     case DType::kFloat: launch<float, float>(a, stream); break;

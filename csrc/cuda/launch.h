@@ -20,7 +20,11 @@ struct ClsAttentionArgs {
   int64_t B, H, T, Dh, P;
   int64_t qs[3], ks[4];
   double scale;
+  int64_t groups = 1;      // head groups per image (cls_attention_groups); > 1 needs `partial`
+  void* partial = nullptr;  // [B, groups, N] contiguous workspace, of out's dtype
 };
+// The head groups per image that launch_cls_attention should use on the current device.
+int64_t cls_attention_groups(const ClsAttentionArgs& a);
 void launch_cls_attention(const ClsAttentionArgs& a, cudaStream_t stream);
 
 struct MaskArgs {

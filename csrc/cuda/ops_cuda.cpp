@@ -40,6 +40,9 @@ at::Tensor cls_attention(const at::Tensor& q, const at::Tensor& k, int64_t num_p
                      out.mutable_data_ptr(), dtype, B, H, T, Dh, P, {}, {}, scale};
   copy_strides(a.qs, q);
   copy_strides(a.ks, k);
+  a.groups = cls_attention_groups(a);
+  const at::Tensor partial = a.groups > 1 ? at::empty({B, a.groups, s.N}, out.options()) : at::Tensor();
+  a.partial = partial.defined() ? partial.mutable_data_ptr() : nullptr;
   launch_cls_attention(a, c10::cuda::getCurrentCUDAStream());
   return out;
 }

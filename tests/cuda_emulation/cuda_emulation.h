@@ -5,8 +5,9 @@
 // resumed in thread order until each reaches __syncthreads, a warp shuffle or its end, so that
 // a barrier waits for the whole block and a shuffle for its 32 lanes, and every run is
 // deterministic. Divergent barriers or shuffles, bad launch configurations and writes past the
-// dynamic shared memory are reported. The device is an H100/H200: 132 SMs, 227 KiB of opt-in
-// shared memory per block.
+// dynamic shared memory are reported. The device is an H100/H200: 132 SMs (the tests may set
+// another count: emu_set_multiprocessors), 227 KiB of opt-in shared memory per block. Every launch
+// that runs is logged (emu_take_launches), for tests that check which grids a launcher chose.
 #pragma once
 
 #include <cuda_runtime.h>  // the host declarations: dim3, uint4, cudaStream_t, cudaError_t, ...
@@ -178,6 +179,21 @@ inline cudaError_t& last_error() {
   return error;
 }
 
+// The SM count the device reports (cudaDevAttrMultiProcessorCount).
+inline int& multi_processors() {
+  static int count = kMultiProcessors;
+  return count;
+}
+
+// A launch that ran: grid x, y, z, threads per block and bytes of dynamic shared memory.
+struct LaunchRecord {
+  unsigned grid[3], threads, shared;
+};
+inline std::vector<LaunchRecord>& launches() {
+  static std::vector<LaunchRecord> log;
+  return log;
+}
+
 // <<<grid, block, shared, stream>>>; every stream is the one emulated stream.
 struct Config {
   Config(dim3 grid, dim3 block, size_t shared = 0, cudaStream_t = nullptr) : grid(grid), block(block), shared(shared) {}
@@ -201,6 +217,7 @@ void launch(void (*kernel)(Params...), const Config& c, Args&&... args) {
     last_error() = cudaErrorInvalidValue;
     return;
   }
+  launches().push_back({{c.grid.x, c.grid.y, c.grid.z}, static_cast<unsigned>(threads), static_cast<unsigned>(c.shared)});
   std::tuple<std::decay_t<Params>...> params(std::forward<Args>(args)...);
   auto body = [&] { std::apply(kernel, params); };
   // Dynamic shared memory: 16-byte aligned, filled with garbage, followed by a canary.
@@ -304,7 +321,7 @@ inline cudaError_t GetDevice(int* device) {
 inline cudaError_t DeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
   if (device != 0) return cudaErrorInvalidDevice;
   switch (attr) {
-    case cudaDevAttrMultiProcessorCount: *value = kMultiProcessors; return cudaSuccess;
+    case cudaDevAttrMultiProcessorCount: *value = multi_processors(); return cudaSuccess;
     case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = kSharedOptin; return cudaSuccess;
     default: return cudaErrorInvalidValue;
   }
@@ -319,6 +336,24 @@ cudaError_t FuncSetAttribute(T* kernel, cudaFuncAttribute attr, int value) {
 }
 
 }  // namespace emu
+
+// For the tests, through ctypes: set the SM count (returns the previous one), and take the launches
+// logged since the last call (up to `capacity` records of 5 unsigned ints: grid x, y, z, threads,
+// shared bytes; returns how many were logged).
+extern "C" __attribute__((used, visibility("default"))) inline int emu_set_multiprocessors(int count) {
+  return std::exchange(::emu::multi_processors(), count);
+}
+extern "C" __attribute__((used, visibility("default"))) inline int emu_take_launches(unsigned* out, int capacity) {
+  auto& log = ::emu::launches();
+  const int n = static_cast<int>(log.size());
+  for (int i = 0; i < n && i < capacity; ++i) {
+    const auto& r = log[i];
+    const unsigned fields[5] = {r.grid[0], r.grid[1], r.grid[2], r.threads, r.shared};
+    std::memcpy(out + 5 * i, fields, sizeof fields);
+  }
+  log.clear();
+  return n;
+}
 
 #define cudaGetLastError ::emu::GetLastError
 #define cudaGetDevice ::emu::GetDevice
