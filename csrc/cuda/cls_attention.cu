@@ -77,8 +77,9 @@ struct KeyLoad {
   static constexpr int kElems = kVec ? 16 / sizeof(scalar_t) : 1;
 };
 
+// Two blocks per SM (at most 64 registers a thread), the residency split_groups counts on.
 template <typename scalar_t, typename acc_t, bool kVec>
-__global__ void __launch_bounds__(kThreads) cls_attention_kernel(ClsAttentionArgs a, int group, int chunk) {
+__global__ void __launch_bounds__(kThreads, 2) cls_attention_kernel(ClsAttentionArgs a, int group, int chunk) {
   constexpr int kElems = KeyLoad<scalar_t, kVec>::kElems;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int T = static_cast<int>(a.T), Dh = static_cast<int>(a.Dh);
@@ -89,30 +90,31 @@ __global__ void __launch_bounds__(kThreads) cls_attention_kernel(ClsAttentionArg
   acc_t* stats = head_sum + N;           // [chunk, 2]: max, sum
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gl = lane % group;
-  const int groups = kThreads / group, keys_per_warp = 32 / group;
-  const int64_t b = blockIdx.x, g = blockIdx.y;
-  const int h_begin = static_cast<int>(a.H * g / a.groups), h_end = static_cast<int>(a.H * (g + 1) / a.groups);
-  const auto* q = static_cast<const scalar_t*>(a.q) + b * a.qs[0];
-  const auto* k = static_cast<const scalar_t*>(a.k) + b * a.ks[0];
+  const int lane_groups = kThreads / group, keys_per_warp = 32 / group;
+  // This block's heads: [h_begin, h_end) of image blockIdx.x.
+  const int64_t h_begin = a.H * blockIdx.y / a.groups, h_end = a.H * (blockIdx.y + 1) / a.groups;
+  const int group_heads = static_cast<int>(h_end - h_begin);
+  const auto* q = static_cast<const scalar_t*>(a.q) + blockIdx.x * a.qs[0] + h_begin * a.qs[1];
+  const auto* k = static_cast<const scalar_t*>(a.k) + blockIdx.x * a.ks[0] + h_begin * a.ks[1];
   const acc_t scale = static_cast<acc_t>(a.scale);
 
   for (int n = tid; n < N; n += kThreads) head_sum[n] = acc_t(0);
-  for (int h0 = h_begin; h0 < h_end; h0 += chunk) {
-    const int heads = min(chunk, h_end - h0), pairs = heads * T;
+  for (int h0 = 0; h0 < group_heads; h0 += chunk) {
+    const int heads = min(chunk, group_heads - h0), pairs = heads * T;
     for (int i = tid; i < heads * Dh; i += kThreads)
       qh[i] = to_acc(q[(h0 + i / Dh) * a.qs[1] + (i % Dh) * a.qs[2]]);
     __syncthreads();
 
     // Logits of the (key, head) pairs, p = t * heads + hh; the loop bound is warp-uniform so that
     // every lane shuffles.
-    for (int p0 = warp * keys_per_warp; p0 < pairs; p0 += groups * kKeysPerLane) {
+    for (int p0 = warp * keys_per_warp; p0 < pairs; p0 += lane_groups * kKeysPerLane) {
       acc_t dot[kKeysPerLane];
       const scalar_t* kt[kKeysPerLane];
       const acc_t* qv[kKeysPerLane];
       bool valid[kKeysPerLane];
 #pragma unroll
       for (int i = 0; i < kKeysPerLane; ++i) {
-        const int p = p0 + i * groups + lane / group;
+        const int p = p0 + i * lane_groups + lane / group;
         valid[i] = p < pairs;
         const int t = valid[i] ? p / heads : 0, hh = valid[i] ? p - t * heads : 0;
         kt[i] = k + (h0 + hh) * a.ks[1] + t * a.ks[2];
@@ -143,7 +145,7 @@ __global__ void __launch_bounds__(kThreads) cls_attention_kernel(ClsAttentionArg
 #pragma unroll
       for (int i = 0; i < kKeysPerLane; ++i) {
         for (int o = group >> 1; o > 0; o >>= 1) dot[i] += __shfl_xor_sync(0xffffffffu, dot[i], o, group);
-        const int p = p0 + i * groups + lane / group;
+        const int p = p0 + i * lane_groups + lane / group;
         if (p < pairs && gl == 0) {
           const int t = p / heads;
           logits[(p - t * heads) * T + t] = dot[i] * scale;
@@ -185,8 +187,9 @@ __global__ void __launch_bounds__(kThreads) cls_attention_kernel(ClsAttentionArg
     }
     __syncthreads();
   }
+  const int64_t b = blockIdx.x;
   if (a.groups > 1) {
-    auto* partial = static_cast<acc_t*>(a.partial) + (b * a.groups + g) * N;
+    auto* partial = static_cast<acc_t*>(a.partial) + (b * a.groups + blockIdx.y) * N;
     for (int n = tid; n < N; n += kThreads) partial[n] = head_sum[n];
   } else {
     for (int n = tid; n < N; n += kThreads) write_score(a, b * N + n, head_sum[n]);

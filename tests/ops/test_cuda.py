@@ -187,6 +187,23 @@ def test_cls_attention_adds_the_prior():
 
 
 @requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cls_attention_split_and_unsplit_batches(dtype):
+    """Two images split into one block per head (B * H <= 2 * SMs) and the same two images among
+    2 * SMs images, one block each (unsplit): both match the reference, and each other."""
+    sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count
+    q, k = cls_attention_inputs(2 * sms, 12, 197, 64, dtype, device=DEVICE, strided=True)
+    prior = torch.rand(2 * sms, 196, device=DEVICE)
+    unsplit = ak.cls_attention(q, k, prior=prior, backend=BACKEND)
+    split = ak.cls_attention(q[:2], k[:2], prior=prior[:2], backend=BACKEND)
+    rtol, atol = CLS_ATTENTION_TOL[dtype]
+    expected = prior[:2].cpu() + cls_attention_ref(q[:2].cpu(), k[:2].cpu(), 1)
+    torch.testing.assert_close(split.cpu(), expected, rtol=rtol, atol=atol)
+    torch.testing.assert_close(unsplit[:2].cpu(), expected, rtol=rtol, atol=atol)
+    torch.testing.assert_close(split, unsplit[:2], rtol=1e-5, atol=1e-6)
+
+
+@requires_cuda
 def test_cls_attention_gradients():
     q, k = cls_attention_inputs(2, 3, 50, 16, torch.float64, device=DEVICE)
     q.requires_grad_()
