@@ -6,6 +6,7 @@ Force one per call with ``backend=...`` or for a whole run with ``ACLIP_KERNELS_
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from typing import Optional
@@ -51,6 +52,14 @@ def _unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
     return None
 
 
+_FIXED = ("torch", "cpu", "cuda")  # available or not for good once the library is loaded (Triton reads the env)
+
+
+@functools.lru_cache(maxsize=64)
+def _fixed_reason(backend: str, device: torch.device) -> Optional[str]:
+    return _unavailable_reason(backend, device)
+
+
 def available_backends(device) -> list:
     """The backends that can run tensors on ``device``, in order of preference."""
     device = torch.device(device)
@@ -63,6 +72,8 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
 
     Raises ValueError for an unknown name and RuntimeError for a backend that cannot run here.
     """
+    if backend in _FIXED and _fixed_reason(backend, device) is None:  # the common case, decided once
+        return backend
     source = "backend"
     if backend is None:
         backend, source = os.environ.get(ENV_VAR) or "auto", ENV_VAR

@@ -75,12 +75,12 @@ def methods(backend: str, case: str, grad: bool):
     return (lambda: ak.attentive_mask(x, **kw, backend=backend)), (lambda: op(*raw_args))
 
 
-def run(rounds: int) -> list:
+def run(rounds: int, only=None) -> list:
     import importlib
 
     triton_mask = importlib.import_module("aclip_kernels.triton.attentive_mask")  # the package re-exports
     rows = []
-    backends = [b for b in ("cpu", "triton") if b in ak.available_backends("cpu")]
+    backends = [b for b in ("cpu", "triton") if b in ak.available_backends("cpu") and b in (only or (b,))]
     kernel = triton_mask._mask_fwd_kernel
     kernel.run = lambda *args, **kwargs: None  # the stub: every host step but Triton's launcher
     try:
@@ -120,11 +120,12 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=100)
     parser.add_argument("--out", type=Path, default=None, help="write host_overhead.{json,md} here")
     parser.add_argument("--wall", action="store_true", help="time wall-clock instead of the thread's CPU time")
+    parser.add_argument("--backends", nargs="+", choices=("cpu", "triton"), default=None, help="default: both")
     args = parser.parse_args(argv)
     global CLOCK
     CLOCK = time.perf_counter if args.wall else time.thread_time
     torch.set_num_threads(1)
-    rows = run(args.rounds)
+    rows = run(args.rounds, args.backends)
     env = environment("cpu")
     text = markdown(rows, env).replace("{rounds}", str(args.rounds))
     print(text)
