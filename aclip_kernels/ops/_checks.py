@@ -276,7 +276,7 @@ def mask_call(plan: MaskPlan, x: Tensor, scores: Optional[Tensor], q: Optional[T
             boxes = boxes.to(torch.float32).contiguous()
     if scores is not None and scores.dim() == 3:
         scores = scores.reshape(scores.shape[0], scores.shape[1] * scores.shape[2])
-    return MaskCall(x, scores, q, k, prior, boxes, *plan)
+    return tuple.__new__(MaskCall, (x, scores, q, k, prior, boxes) + plan)  # MaskCall(...) is 0.3 µs slower
 
 
 def check_mask_args(x, scores, keep, q, k, prior, num_prefix_tokens, grid: Optional[Sequence],
