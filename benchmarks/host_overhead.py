@@ -50,6 +50,7 @@ def inputs(case: str) -> dict:
     return kwargs
 
 
+REPEATS = 5  # interleaved measurements of each method; the best median counts (the machine may be shared)
 CLOCK = time.thread_time  # CPU time of this thread: a busy machine does not inflate it (--wall: perf_counter)
 
 
@@ -107,7 +108,7 @@ def run(rounds: int, only=None) -> list:
                 for grad in (False, True):
                     public, raw = methods(backend, case, grad)
                     times = {}
-                    for _ in range(3):  # interleaved, the best median of each
+                    for _ in range(REPEATS):  # interleaved, the best median of each
                         for name, fn in (("public", public), ("raw", raw)):
                             t = median_us(fn, rounds)
                             times[name] = min(times.get(name, t), t)
@@ -125,7 +126,7 @@ def run(rounds: int, only=None) -> list:
 def markdown(rows: list, env: dict) -> str:
     lines = ["# Host overhead: public op vs raw torch.ops call", "",
              f"{env['date']}, torch {env['torch']}, triton {env['triton']}, {env['device']}, "
-             f"{env['threads']} threads, commit {env['git_commit']}. Medians of {{rounds}} x 20 calls, best of 3, "
+             f"{env['threads']} threads, commit {env['git_commit']}. Medians of {{rounds}} x 20 calls, best of {REPEATS}, "
              f"{'wall-clock' if CLOCK is time.perf_counter else 'CPU time of the calling thread'}.", "",
              "| backend | case | autograd | public (µs) | raw op (µs) | ratio |", "|---|---|---|---:|---:|---:|"]
     for r in rows:
