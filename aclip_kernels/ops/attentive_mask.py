@@ -30,7 +30,7 @@ SCHEMA = ("(Tensor x, Tensor? scores, Tensor? q, Tensor? k, Tensor? prior, Tenso
 BACKWARD_SCHEMA = "(Tensor grad_kept, Tensor idx, int num_prefix_tokens, int num_patches) -> Tensor"
 OP = define("attentive_mask", SCHEMA)
 BACKWARD_OP = define("attentive_mask_backward", BACKWARD_SCHEMA)
-_OP = torch.ops.aclip_kernels.attentive_mask
+COMPILED_OP = torch.ops.aclip_kernels.attentive_mask  # the op the cpu and cuda backends implement
 
 
 def attentive_mask(x: Tensor, scores: Optional[Tensor] = None, keep=0.5, *,
@@ -65,7 +65,7 @@ def attentive_mask(x: Tensor, scores: Optional[Tensor] = None, keep=0.5, *,
         check_triton_device(args.x)
         kept_idx = call_checked(torch.ops.aclip_kernels.attentive_mask_triton, *op_arguments(args))
     else:
-        kept_idx = _OP(*args)  # = op_arguments(args)
+        kept_idx = COMPILED_OP(*args)  # = op_arguments(args)
     return kept_idx if return_indices else kept_idx[0]
 
 
