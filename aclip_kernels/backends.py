@@ -51,6 +51,20 @@ def _unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
     return None
 
 
+_FIXED = ("torch", "cpu", "cuda")  # available or not for good once the library is loaded (Triton reads the env)
+_FIXED_REASONS: dict = {}
+
+
+@torch.compiler.assume_constant_result  # torch.compile calls it once while tracing
+def _fixed_reason(backend: str, device: torch.device) -> Optional[str]:
+    """``_unavailable_reason`` of a backend of ``_FIXED``, decided once per (backend, device)."""
+    try:
+        return _FIXED_REASONS[backend, device]
+    except KeyError:
+        reason = _FIXED_REASONS[backend, device] = _unavailable_reason(backend, device)
+        return reason
+
+
 def available_backends(device) -> list:
     """The backends that can run tensors on ``device``, in order of preference."""
     device = torch.device(device)
@@ -63,14 +77,16 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
 
     Raises ValueError for an unknown name and RuntimeError for a backend that cannot run here.
     """
+    if backend in _FIXED and _fixed_reason(backend, device) is None:  # the common case, decided once
+        return backend
     source = "backend"
     if backend is None:
         backend, source = os.environ.get(ENV_VAR) or "auto", ENV_VAR
-    if backend == "auto":
-        if device.type == "cuda":
-            return next(b for b in ("cuda", "triton", "torch")
-                        if _unavailable_reason(b, device) is None)
-        return "cpu" if _unavailable_reason("cpu", device) is None else "torch"
+    if backend == "auto":  # the compiled backend of the device, else triton on CUDA, else torch
+        compiled = "cuda" if device.type == "cuda" else "cpu"
+        if _fixed_reason(compiled, device) is None:
+            return compiled
+        return "triton" if device.type == "cuda" and _triton_usable(device) is None else "torch"
     if backend not in BACKENDS:
         raise ValueError(f"{source}={backend!r}: expected one of {BACKENDS + ('auto',)}")
     reason = _unavailable_reason(backend, device)

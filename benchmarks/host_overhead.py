@@ -1,5 +1,6 @@
-"""Host overhead of the public ops: ``aclip_kernels.attentive_mask`` against the raw ``torch.ops`` call
-of the same backend, with and without autograd, medians and ratios side by side in one run.
+"""Host overhead of the public ops: ``aclip_kernels.attentive_mask`` (and ``cls_attention``,
+``random_mask``) against the raw ``torch.ops`` call of the same backend, with and without autograd,
+medians and ratios side by side in one run. The raw call of ``random_mask`` draws its scores too.
 
     python benchmarks/host_overhead.py [--rounds 200] [--out benchmarks/results]
 
@@ -49,6 +50,7 @@ def inputs(case: str) -> dict:
     return kwargs
 
 
+REPEATS = 5  # interleaved measurements of each method; the best median counts (the machine may be shared)
 CLOCK = time.thread_time  # CPU time of this thread: a busy machine does not inflate it (--wall: perf_counter)
 
 
@@ -64,32 +66,49 @@ def median_us(fn, rounds: int, inner: int = 20) -> float:
     return statistics.median(samples) * 1e6
 
 
+def raw_op(name: str, backend: str):
+    return getattr(torch.ops.aclip_kernels, name if backend == "cpu" else name + "_triton")
+
+
 def methods(backend: str, case: str, grad: bool):
     """(public call, raw op call) for one backend, case and autograd setting."""
-    kw = inputs(case)
+    if case == "cls_attention":
+        g = torch.Generator().manual_seed(0)
+        q, k = torch.randn(2, 2, 8, generator=g), torch.randn(2, 2, 197, 8, generator=g)
+        q, k, op = q.requires_grad_(grad), k.requires_grad_(grad), raw_op("cls_attention", backend)
+        return (lambda: ak.cls_attention(q, k, backend=backend)), (lambda: op(q, k, 1, 8 ** -0.5, None))
+    kw = inputs("scores" if case == "random_mask" else case)
     x = kw.pop("x").requires_grad_(grad)
     args = check_mask_args(x, kw.get("scores"), kw["keep"], kw.get("q"), kw.get("k"), None,
                            kw["num_prefix_tokens"], kw["grid"], kw["block"], kw.get("boxes"), None)
-    op = torch.ops.aclip_kernels.attentive_mask if backend == "cpu" else torch.ops.aclip_kernels.attentive_mask_triton
-    raw_args = op_arguments(args)
+    op, raw_args = raw_op("attentive_mask", backend), op_arguments(args)
+    if case == "random_mask":  # the raw call draws its scores too
+        g, grid = torch.Generator().manual_seed(0), kw["grid"]
+
+        def raw():
+            scores = torch.rand(x.shape[0], *grid, generator=g)
+            return op(x, scores.view(x.shape[0], -1), *raw_args[2:])
+        return (lambda: ak.random_mask(x, kw["keep"], grid=grid, generator=g, backend=backend)), raw
     return (lambda: ak.attentive_mask(x, **kw, backend=backend)), (lambda: op(*raw_args))
 
 
-def run(rounds: int) -> list:
+def run(rounds: int, only=None) -> list:
     import importlib
 
-    triton_mask = importlib.import_module("aclip_kernels.triton.attentive_mask")  # the package re-exports
+    # the modules (the package re-exports functions of the same names)
+    kernels = (importlib.import_module("aclip_kernels.triton.attentive_mask")._mask_fwd_kernel,
+               importlib.import_module("aclip_kernels.triton.cls_attention")._cls_attention_kernel)
     rows = []
-    backends = [b for b in ("cpu", "triton") if b in ak.available_backends("cpu")]
-    kernel = triton_mask._mask_fwd_kernel
-    kernel.run = lambda *args, **kwargs: None  # the stub: every host step but Triton's launcher
+    backends = [b for b in ("cpu", "triton") if b in ak.available_backends("cpu") and b in (only or (b,))]
+    for kernel in kernels:
+        kernel.run = lambda *args, **kwargs: None  # the stub: every host step but Triton's launcher
     try:
         for backend in backends:
-            for case in CASES:
+            for case in (*CASES, "cls_attention", "random_mask"):
                 for grad in (False, True):
                     public, raw = methods(backend, case, grad)
                     times = {}
-                    for _ in range(3):  # interleaved, the best median of each
+                    for _ in range(REPEATS):  # interleaved, the best median of each
                         for name, fn in (("public", public), ("raw", raw)):
                             t = median_us(fn, rounds)
                             times[name] = min(times.get(name, t), t)
@@ -99,14 +118,15 @@ def run(rounds: int) -> list:
                                      ratio=round(times["public"] / times["raw"], 2)))
                     print(json.dumps(rows[-1]), flush=True)
     finally:
-        del kernel.run
+        for kernel in kernels:
+            del kernel.run
     return rows
 
 
 def markdown(rows: list, env: dict) -> str:
     lines = ["# Host overhead: public op vs raw torch.ops call", "",
              f"{env['date']}, torch {env['torch']}, triton {env['triton']}, {env['device']}, "
-             f"{env['threads']} threads, commit {env['git_commit']}. Medians of {{rounds}} x 20 calls, best of 3, "
+             f"{env['threads']} threads, commit {env['git_commit']}. Medians of {{rounds}} x 20 calls, best of {REPEATS}, "
              f"{'wall-clock' if CLOCK is time.perf_counter else 'CPU time of the calling thread'}.", "",
              "| backend | case | autograd | public (µs) | raw op (µs) | ratio |", "|---|---|---|---:|---:|---:|"]
     for r in rows:
@@ -120,11 +140,12 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=100)
     parser.add_argument("--out", type=Path, default=None, help="write host_overhead.{json,md} here")
     parser.add_argument("--wall", action="store_true", help="time wall-clock instead of the thread's CPU time")
+    parser.add_argument("--backends", nargs="+", choices=("cpu", "triton"), default=None, help="default: both")
     args = parser.parse_args(argv)
     global CLOCK
     CLOCK = time.perf_counter if args.wall else time.thread_time
     torch.set_num_threads(1)
-    rows = run(args.rounds)
+    rows = run(args.rounds, args.backends)
     env = environment("cpu")
     text = markdown(rows, env).replace("{rounds}", str(args.rounds))
     print(text)

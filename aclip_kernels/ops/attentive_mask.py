@@ -13,7 +13,8 @@ from torch import Tensor
 
 from ..backends import TRITON_MISSING, resolve_backend
 from ..reference import attentive_mask_ref
-from ._checks import MaskCall, check_backward_args, check_boxes_finite, check_mask_args, check_mask_op
+from ._check_cache import cached_mask_meta
+from ._checks import MaskCall, check_backward_args, check_boxes_finite, check_mask_op, mask_call
 from ._define import define, register_triton_op
 
 if TRITON_MISSING is None:
@@ -29,6 +30,7 @@ SCHEMA = ("(Tensor x, Tensor? scores, Tensor? q, Tensor? k, Tensor? prior, Tenso
 BACKWARD_SCHEMA = "(Tensor grad_kept, Tensor idx, int num_prefix_tokens, int num_patches) -> Tensor"
 OP = define("attentive_mask", SCHEMA)
 BACKWARD_OP = define("attentive_mask_backward", BACKWARD_SCHEMA)
+COMPILED_OP = torch.ops.aclip_kernels.attentive_mask  # the op the cpu and cuda backends implement
 
 
 def attentive_mask(x: Tensor, scores: Optional[Tensor] = None, keep=0.5, *,
@@ -54,17 +56,17 @@ def attentive_mask(x: Tensor, scores: Optional[Tensor] = None, keep=0.5, *,
     is ``grad(kept)`` scattered back to the kept rows, zero elsewhere; nothing else gets one.
     """
     impl = resolve_backend(backend, x.device if isinstance(x, Tensor) else torch.device("cpu"))
+    plan = cached_mask_meta(x, scores, keep, q, k, prior, num_prefix_tokens, grid, block, boxes, scale)
     # The compiled ops check the finiteness of boxes themselves: one value check (a GPU sync) per call.
-    args = check_mask_args(x, scores, keep, q, k, prior, num_prefix_tokens, grid, block, boxes, scale,
-                           check_values=impl == "torch")
+    args = mask_call(plan, x, scores, q, k, prior, boxes, check_values=impl == "torch")
     if impl == "torch":
-        kept, idx = mask_torch(args)
+        kept_idx = mask_torch(args)
     elif impl == "triton":
         check_triton_device(args.x)
-        kept, idx = call_checked(torch.ops.aclip_kernels.attentive_mask_triton, *op_arguments(args))
+        kept_idx = call_checked(torch.ops.aclip_kernels.attentive_mask_triton, *op_arguments(args))
     else:
-        kept, idx = torch.ops.aclip_kernels.attentive_mask(*op_arguments(args))
-    return (kept, idx) if return_indices else kept
+        kept_idx = COMPILED_OP(*args)  # = op_arguments(args)
+    return kept_idx if return_indices else kept_idx[0]
 
 
 def mask_torch(args: MaskCall):
@@ -76,8 +78,7 @@ def mask_torch(args: MaskCall):
 
 def op_arguments(args: MaskCall) -> tuple:
     """The positional arguments of the ``attentive_mask`` op schema."""
-    return (args.x, args.scores, args.q, args.k, args.prior, args.boxes, args.num_prefix_tokens,
-            list(args.score_grid), list(args.grid), args.block, args.num_units, args.scale)
+    return args  # a MaskCall's fields are the schema's arguments, in order (the int[] ones as tuples)
 
 
 def attentive_mask_fake(x, scores, q, k, prior, boxes, num_prefix_tokens, score_grid, grid, block,

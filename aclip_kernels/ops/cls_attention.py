@@ -14,7 +14,8 @@ from torch import Tensor
 
 from ..backends import TRITON_MISSING, resolve_backend
 from ..reference import cls_attention_backward_ref, cls_attention_ref
-from ._checks import check_cls_attention_op, check_out, check_prior, check_qk, check_scale
+from ._check_cache import cached_cls_attention_args
+from ._checks import check_cls_attention_op
 from ._define import define, register_triton_op
 
 if TRITON_MISSING is None:
@@ -47,11 +48,8 @@ def cls_attention(q: Tensor, k: Tensor, *, num_prefix_tokens: int = 1, scale: Op
                       DeprecationWarning, stacklevel=2)
         if prior is not None:
             raise ValueError("give prior, or out (deprecated), not both")
-    q, k, n = check_qk(q, k, num_prefix_tokens)
-    if out is not None:
-        check_out(out, q, k, n)
-    base = check_prior(prior if out is None else out, q.shape[0], n, k)
-    scale = check_scale(scale, q.shape[-1])
+    _, scale = cached_cls_attention_args(q, k, num_prefix_tokens, scale, prior, out)
+    base = prior if out is None else out
     impl = resolve_backend(backend, q.device)
     if impl == "torch":
         result = cls_attention_ref(q, k, num_prefix_tokens, scale)

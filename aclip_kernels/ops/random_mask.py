@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._checks import check_tokens
+from ._check_cache import cached_tokens
 from .attentive_mask import attentive_mask
 
 __all__ = ["random_mask"]
@@ -20,7 +20,7 @@ def random_mask(x: Tensor, keep=0.5, *, num_prefix_tokens: int = 1, block: int =
     Same contract as ``attentive_mask`` (x [Bx, P+N, D] -> kept [Bx, P+n*b*b, D], idx ascending),
     with i.i.d. uniform scores drawn from ``generator`` (on x's device) for every row.
     """
-    _, grid = check_tokens(x, num_prefix_tokens, grid)
+    _, grid = cached_tokens(x, num_prefix_tokens, grid)
     scores = torch.rand(x.shape[0], *grid, generator=generator, device=x.device)
     return attentive_mask(x, scores, keep, num_prefix_tokens=num_prefix_tokens, grid=grid, block=block,
                           return_indices=return_indices, backend=backend)
