@@ -4,8 +4,8 @@ medians and ratios side by side in one run. The raw call of ``random_mask`` draw
 
     python benchmarks/host_overhead.py [--rounds 200] [--out benchmarks/results]
 
-Backends: ``cpu`` (the compiled CPU op, at shapes small enough that the kernel costs little next to
-the host), and ``triton`` with the kernel launch stubbed: the autotuned kernel's ``run`` is replaced
+Backends: ``cpu`` (the compiled CPU op through the default call, no ``backend=`` argument, at shapes
+small enough that the kernel costs little next to the host), and ``triton`` with the kernel launch stubbed: the autotuned kernel's ``run`` is replaced
 by a no-op, so what is timed is every Python step of a launch except Triton's own launcher (on a
 machine without a GPU the Triton ops run CPU tensors under ``TRITON_INTERPRET=1``, set here). The
 target of issue #14 is a ratio within 1.3x.
@@ -25,6 +25,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before aclip_kernels.triton is
 import torch  # noqa: E402
 
 import aclip_kernels as ak  # noqa: E402
+from aclip_kernels.backends import resolve_backend  # noqa: E402
 from aclip_kernels.benchmarking import environment  # noqa: E402
 from aclip_kernels.ops._checks import check_mask_args  # noqa: E402
 from aclip_kernels.ops.attentive_mask import op_arguments  # noqa: E402
@@ -71,12 +72,17 @@ def raw_op(name: str, backend: str):
 
 
 def methods(backend: str, case: str, grad: bool):
-    """(public call, raw op call) for one backend, case and autograd setting."""
+    """(public call, raw op call) for one backend, case and autograd setting. The cpu backend's public
+    call is the default one (``backend=None``, which resolves to cpu here), what a user writes."""
+    public_backend = backend
+    if backend == "cpu":
+        assert resolve_backend(None, torch.device("cpu")) == "cpu", "unset ACLIP_KERNELS_BACKEND"
+        public_backend = None
     if case == "cls_attention":
         g = torch.Generator().manual_seed(0)
         q, k = torch.randn(2, 2, 8, generator=g), torch.randn(2, 2, 197, 8, generator=g)
         q, k, op = q.requires_grad_(grad), k.requires_grad_(grad), raw_op("cls_attention", backend)
-        return (lambda: ak.cls_attention(q, k, backend=backend)), (lambda: op(q, k, 1, 8 ** -0.5, None))
+        return (lambda: ak.cls_attention(q, k, backend=public_backend)), (lambda: op(q, k, 1, 8 ** -0.5, None))
     kw = inputs("scores" if case == "random_mask" else case)
     x = kw.pop("x").requires_grad_(grad)
     args = check_mask_args(x, kw.get("scores"), kw["keep"], kw.get("q"), kw.get("k"), None,
@@ -88,8 +94,8 @@ def methods(backend: str, case: str, grad: bool):
         def raw():
             scores = torch.rand(x.shape[0], *grid, generator=g)
             return op(x, scores.view(x.shape[0], -1), *raw_args[2:])
-        return (lambda: ak.random_mask(x, kw["keep"], grid=grid, generator=g, backend=backend)), raw
-    return (lambda: ak.attentive_mask(x, **kw, backend=backend)), (lambda: op(*raw_args))
+        return (lambda: ak.random_mask(x, kw["keep"], grid=grid, generator=g, backend=public_backend)), raw
+    return (lambda: ak.attentive_mask(x, **kw, backend=public_backend)), (lambda: op(*raw_args))
 
 
 def run(rounds: int, only=None) -> list:
