@@ -59,7 +59,7 @@ from torch import Tensor
 
 from ._common import (autotune, dummy, fadd, fmul, fsub, launch_options, next_pow2, use_rn, vector_width,
                       wrap_triton)
-from .cls_attention import accumulation_dtype, cls_attention_row
+from .cls_attention import launch_cls_scores
 
 __all__ = ["launch_attentive_mask", "launch_attentive_mask_backward", "forward_launch"]
 
@@ -197,42 +197,25 @@ _FWD_CONFIGS = [triton.Config({"COPY_ROWS": r, "BLOCK_D": d}, num_warps=w)
                                 (32, 128, 8))]
 
 
-@autotune(_FWD_CONFIGS, key=["N", "D", "rows_bucket", "FUSED", "BLOCK", "HAS_BOXES"])
+@autotune(_FWD_CONFIGS, key=["N", "D", "rows_bucket", "BLOCK", "HAS_BOXES"])
 @triton.jit(do_not_specialize=["n_units", "rows_bucket"])
-def _mask_fwd_kernel(x, kept, idx, scores, boxes, q, k, prior, logits,
-                     Bs, views_per_program, P, N, D, M, n_units,
+def _mask_fwd_kernel(x, kept, idx, scores, boxes, Bs, P, N, D, M, n_units,
                      Hs, Ws, Hs_f, Ws_f, Hg_f, Wg_f, Wg, Hu, Wu,
-                     sx0, sx1, sx2, ss0, ss1, sq0, sq1, sq2, sk0, sk1, sk2, sk3, sp0, sp1,
-                     H, Dh, scale, rows_bucket,
+                     sx0, sx1, sx2, ss0, ss1, rows_bucket,
                      BLOCK: tl.constexpr, RESAMPLE: tl.constexpr, HAS_BOXES: tl.constexpr,
-                     FUSED: tl.constexpr, HAS_PRIOR: tl.constexpr,
-                     BLOCK_HU: tl.constexpr, BLOCK_WU: tl.constexpr,
-                     BLOCK_T: tl.constexpr, BLOCK_DH: tl.constexpr, RN: tl.constexpr, VEC: tl.constexpr,
+                     BLOCK_HU: tl.constexpr, BLOCK_WU: tl.constexpr, RN: tl.constexpr, VEC: tl.constexpr,
                      COPY_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Grid (Bs * V / views_per_program,): program g * Bs + i does views
-    [g * views_per_program, (g + 1) * views_per_program) of image i. ``rows_bucket`` (the program
-    count rounded up to a power of two) is read only by the autotuner's key."""
+    """Grid (Bx,): output row r (view r // Bs of image r % Bs). ``rows_bucket`` (Bx rounded up to
+    a power of two) is read only by the autotuner's key."""
     if VEC > 1:  # VEC divides D and x's row strides: lets the row copies vectorise
         D = (D // VEC) * VEC
         sx0 = (sx0 // VEC) * VEC
         sx1 = (sx1 // VEC) * VEC
-    pid = tl.program_id(0)
-    image = pid % Bs
-    group = pid // Bs
-    map_row = scores + image.to(tl.int64) * ss0
-    if FUSED:
-        i64 = image.to(tl.int64)
-        Ts = P + Hs * Ws
-        cls_attention_row(q + i64 * sq0, k + i64 * sk0, prior + i64 * sp0, map_row,
-                          logits + i64 * Ts, H, Ts, P, Dh, sq1, sq2, sk1, sk2, sk3, sp1, scale,
-                          HAS_PRIOR, BLOCK_T, BLOCK_DH)
-        tl.debug_barrier()
-    rows_out = P + M
-    for v in range(views_per_program):
-        r = ((group * views_per_program + v) * Bs + image).to(tl.int64)
-        _select_and_gather(x + r * sx0, kept + r * rows_out * D, idx + r * M, map_row, boxes + r * 4,
-                           ss1, sx1, sx2, P, D, Hs, Ws, Hs_f, Ws_f, Hg_f, Wg_f, Wg, Hu, Wu, M, n_units,
-                           BLOCK, RESAMPLE, HAS_BOXES, BLOCK_HU, BLOCK_WU, COPY_ROWS, BLOCK_D, RN)
+    r = tl.program_id(0).to(tl.int64)
+    map_row = scores + (r % Bs) * ss0
+    _select_and_gather(x + r * sx0, kept + r * (P + M) * D, idx + r * M, map_row, boxes + r * 4,
+                       ss1, sx1, sx2, P, D, Hs, Ws, Hs_f, Ws_f, Hg_f, Wg_f, Wg, Hu, Wu, M, n_units,
+                       BLOCK, RESAMPLE, HAS_BOXES, BLOCK_HU, BLOCK_WU, COPY_ROWS, BLOCK_D, RN)
 
 
 _BWD_CONFIGS = [triton.Config({"BLOCK_T": t, "BLOCK_D": d}, num_warps=w)
@@ -276,61 +259,41 @@ def _mask_bwd_kernel(grad_kept, idx, grad_x, P, N, D, M, sg0, sg1, sg2, search_s
         tl.store(dst_row[:, None] + offs_d[None, :], vals, mask=tmask[:, None] & dmask)
 
 
-def fused_block_t(dh: int) -> int:
-    return 32 if next_pow2(dh) >= 128 else 64
-
-
 @functools.lru_cache(maxsize=512)
 def _forward_plan(bx: int, d: int, p: int, score_grid: Tuple[int, int], grid: Tuple[int, int], block: int,
-                  num_units: int, bs: int, fused: bool, dh: int, has_prior: bool, has_boxes: bool, rn: bool,
-                  vec: int):
-    """What a ``_mask_fwd_kernel`` launch needs besides tensors, strides and scale, computed once per
-    (shapes, flags): (programs, the scalar arguments after the tensors, constexprs)."""
+                  num_units: int, bs: int, has_boxes: bool, rn: bool, vec: int):
+    """What a ``_mask_fwd_kernel`` launch needs besides tensors and strides, computed once per
+    (shapes, flags): (the scalar arguments after the tensors, rows_bucket, constexprs)."""
     hs, ws = score_grid
     hg, wg = grid
-    views_per_program, programs = (bx // bs, bs) if fused else (1, bx)
-    scalars = (bs, views_per_program, p, hg * wg, d, num_units * block * block, num_units,
+    scalars = (bs, p, hg * wg, d, num_units * block * block, num_units,
                hs, ws, float(hs), float(ws), float(hg), float(wg), wg, hg // block, wg // block)
-    # ``forward_launch`` appends (strides..., heads, dh, scale) and then ``rows_bucket``
-    rows_bucket = next_pow2(programs)
     constexprs = dict(BLOCK=block, RESAMPLE=has_boxes or score_grid != grid, HAS_BOXES=has_boxes,
-                      FUSED=fused, HAS_PRIOR=has_prior,
-                      BLOCK_HU=next_pow2(hg // block), BLOCK_WU=next_pow2(wg // block),
-                      BLOCK_T=fused_block_t(dh), BLOCK_DH=next_pow2(dh), RN=rn, VEC=vec)
-    return programs, scalars, rows_bucket, constexprs
+                      BLOCK_HU=next_pow2(hg // block), BLOCK_WU=next_pow2(wg // block), RN=rn, VEC=vec)
+    return scalars, next_pow2(bx), constexprs
 
 
 def forward_launch(x: Tensor, scores: Optional[Tensor], q: Optional[Tensor], k: Optional[Tensor],
                    prior: Optional[Tensor], boxes: Optional[Tensor], num_prefix_tokens: int,
                    score_grid, grid, block: int, num_units: int, scale: float):
     """(outputs (kept, idx), grid, runtime args, constexprs) of one ``_mask_fwd_kernel`` launch,
-    for checked arguments."""
+    for checked arguments; with q/k (no ``scores``) the score map [Bs, N] is computed first, by
+    ``launch_cls_scores`` (+ prior)."""
     p = num_prefix_tokens
     bx, _, d = x.shape
     m = num_units * block * block
     kept = x.new_empty(bx, p + m, d)
     idx = x.new_empty(bx, m, dtype=torch.int64)
-    fused = scores is None
-    if fused:
-        bs, heads, t_k, dh = k.shape
-        dtype = accumulation_dtype(q)
-        scores = torch.empty(bs, t_k - p, dtype=dtype, device=x.device)  # written by the kernel
-        logits = torch.empty(bs, t_k, dtype=dtype, device=x.device)
-        q_strides, k_strides = q.stride(), k.stride()
-    else:
-        bs, heads, dh = scores.shape[0], 1, 1
-        logits = scores
-        q_strides, k_strides = (0, 0, 0), (0, 0, 0, 0)
-    key = (bx, d, p, tuple(score_grid), tuple(grid), block, num_units, bs, fused, dh, prior is not None,
-           boxes is not None, use_rn(x.device), vector_width(x))
+    if scores is None:
+        scores = launch_cls_scores(q, k, prior, p, scale)
+    key = (bx, d, p, tuple(score_grid), tuple(grid), block, num_units, scores.shape[0], boxes is not None,
+           use_rn(x.device), vector_width(x))
     try:
-        programs, scalars, rows_bucket, constexprs = _forward_plan(*key)
+        scalars, rows_bucket, constexprs = _forward_plan(*key)
     except TypeError:  # symbolic sizes while torch.compile traces: unhashable, nothing to cache
-        programs, scalars, rows_bucket, constexprs = _forward_plan.__wrapped__(*key)
-    runtime = (x, kept, idx, scores, dummy(x, boxes), dummy(x, q), dummy(x, k), dummy(x, prior), logits,
-               *scalars, *x.stride(), *scores.stride(), *q_strides, *k_strides,
-               *((0, 0) if prior is None else prior.stride()), heads, dh, float(scale), rows_bucket)
-    return (kept, idx), (programs,), runtime, dict(constexprs)
+        scalars, rows_bucket, constexprs = _forward_plan.__wrapped__(*key)
+    runtime = (x, kept, idx, scores, dummy(x, boxes), *scalars, *x.stride(), *scores.stride(), rows_bucket)
+    return (kept, idx), (bx,), runtime, dict(constexprs)
 
 
 def launch_attentive_mask(x: Tensor, scores: Optional[Tensor], q: Optional[Tensor], k: Optional[Tensor],
