@@ -81,8 +81,10 @@ def run(rounds: int) -> list:
     triton_mask = importlib.import_module("aclip_kernels.triton.attentive_mask")  # the package re-exports
     rows = []
     backends = [b for b in ("cpu", "triton") if b in ak.available_backends("cpu")]
-    kernel = triton_mask._mask_fwd_kernel
-    kernel.run = lambda *args, **kwargs: None  # the stub: every host step but Triton's launcher
+    triton_scores = importlib.import_module("aclip_kernels.triton.cls_attention")
+    kernels = (triton_mask._mask_fwd_kernel, triton_scores._cls_scores_kernel, triton_scores._combine_kernel)
+    for kernel in kernels:
+        kernel.run = lambda *args, **kwargs: None  # the stub: every host step but Triton's launcher
     try:
         for backend in backends:
             for case in CASES:
@@ -99,7 +101,8 @@ def run(rounds: int) -> list:
                                      ratio=round(times["public"] / times["raw"], 2)))
                     print(json.dumps(rows[-1]), flush=True)
     finally:
-        del kernel.run
+        for kernel in kernels:
+            del kernel.run
     return rows
 
 

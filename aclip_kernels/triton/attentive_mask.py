@@ -1,10 +1,11 @@
-"""attentive_mask in Triton: the fused forward (one program per output row; with fused q/k scores
-one program per image, which computes the image's scores once and then does each of its views)
-and the one-pass backward.
+"""attentive_mask in Triton: the forward (one program per output row, views in parallel; with
+fused q/k the score map is computed first by the scoring kernel, ``launch_cls_scores`` in
+cls_attention.py, as the CUDA backend runs cls_attention and then its mask kernel) and the one-pass
+backward.
 
 Forward, per output row r (view v of image i = r % Bs):
-  1. the score map of image i: read from ``scores`` [Bs, Hs*Ws], or computed from q/k (+ prior)
-     into a [Bs, Hs*Ws] buffer by ``cls_attention_row``;
+  1. the score map of image i: row i of ``scores`` [Bs, Hs*Ws], given or computed from q/k
+     (+ prior) by the scoring launch into a [Bs, Hs*Ws] buffer (float32; float64 for float64 q);
   2./3. the score of each b x b unit: its cells sampled bilinearly in the view's box (when boxes
      are given or the grids differ), summed row-major and divided by b*b, each float32 operation
      rounded as in ``aclip_kernels.reference`` (explicit ``.rn`` PTX on CUDA: no FMA contraction,
@@ -33,19 +34,30 @@ kernel (one program per row, idx only) and an xFormers-style 2-D gather over (in
 tiles), which overlaps the copy of one row with the selection of others and lets the copy keep
 several tiles in flight (here a store to ``kept`` may alias the next load from ``x``).
 
-Fused scoring, future work (issue #14 item 3, not built): score all heads per key tile in the
-style of flash-decoding: load [BLOCK_T, H*Dh] (contiguous per token in timm's qkv layout), keep
-the [H, BLOCK_T] logits on chip with an online max and sum per head, and split over (image, head
-group) programs when the images are too few to fill the GPU, then one selection per image. Today
-each program runs its image's heads one after another, with a logits round trip through global
-memory and 2 barriers per head.
+Fused scoring (issue #14 item 3), built in the style of flash-decoding: a separate scoring launch
+(cls_attention.py's docstring has the design) of one program per (image, head group) loads k in
+[BLOCK_T, heads, Dh] tiles, keeps the logits on chip with an online max and sum, and splits an
+image's heads over G programs when the images are too few to fill the GPU; then this kernel does
+one selection per output row. Before, one program per image ran its heads one after another
+(dependent k-tile loads, a logits round trip and 2 barriers per head), then each view serially.
+
+Bandwidth model of the fused forward, ViT-B/16 bf16 (H=12, Dh=64, T=197, N=196), an ESTIMATE (no
+GPU measured it): the scoring reads k once, 12*197*64*2 = 303 KB per image (contiguous 1.5 KB per
+token in timm's packed qkv), plus q (1.5 KB), a logits scratch written and read once (2*12*196*4 =
+19 KB, L2-resident) and the [N] map (0.8 KB); the mask kernel then reads the map and copies the
+kept rows. Programs on an H200 (132 SMs): B=256: G=1, 256 scoring programs (1.9 per SM, 8 warps,
+12 KB of k per tile in flight each), 78 MB of k, about 16 us at the 4.8 TB/s peak, about 25 us at
+the ~65% that 2 programs per SM can keep in flight (estimate); B=64: G=3 (4 heads per group, no
+padded head lanes), 192 programs; B=8: G=12 (one head per group), 96 programs, latency-bound
+(2.4 MB of k, a few microseconds). G>1 adds the combine launch (G*N*4 bytes per image). Mask
+kernel: B*V programs (512 at B=256x2).
 
 Autotuning: keyed on what changes the best config, not on (N, D) alone: the row count bucketed to
-a power of two (``rows_bucket``: a small eval batch and B=512 fill the GPU differently), fused q/k
-or not (the fused program runs a whole image's scoring before its copies), the block size and
-boxes (the selection's share of a program), and the dtypes (the autotuner adds them). Heuristics
-in the style of Liger (a config computed from D and the row count) would skip the first-call
-benchmark, but need GPU timings to fit; with none measured yet, autotuning stays, keyed properly.
+a power of two (``rows_bucket``: a small eval batch and B=512 fill the GPU differently), the block
+size and boxes (the selection's share of a program), and the dtypes (the autotuner adds them);
+fused q/k or not no longer changes this kernel. Heuristics in the style of Liger (a config computed
+from D and the row count) would skip the first-call benchmark, but need GPU timings to fit; with
+none measured yet, autotuning stays here, keyed properly (the scoring kernel uses heuristic tiles).
 """
 from __future__ import annotations
 
