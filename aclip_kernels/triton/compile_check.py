@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 import time
-from typing import Dict, Iterator, List, NamedTuple, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import torch
 import triton
@@ -73,16 +73,6 @@ def _mask_variant(dtype, block, boxes, coarse=False, width=64, hg=8):
     return name, runtime, constexprs
 
 
-class Plain(NamedTuple):
-    """A kernel launched without autotuning, with the one config its launcher uses."""
-    fn: object
-    configs: list
-    keys: tuple = ()
-
-
-SCORES = Plain(ca._cls_scores_kernel, [triton.Config({}, num_warps=ca.NUM_WARPS)])
-COMBINE = Plain(ca._combine_kernel, [triton.Config({}, num_warps=4)])
-
 # The dtype x block x score-path variants compiled; (*) marks the one compiled with every config.
 # (Fused q/k scores are the scoring kernel's launch, then one of these.)
 MASK_VARIANTS = {
@@ -127,7 +117,7 @@ def _score_variants() -> Iterator[tuple]:
 
 
 def variants() -> Iterator[Tuple[str, object, str, tuple, dict, bool]]:
-    """(kernel name, kernel (autotuned, or ``Plain``), variant, runtime args, constexprs, all configs)
+    """(kernel name, autotuned kernel, variant, runtime args, constexprs, all configs)
     for the variants the library launches: every x dtype with block 1 and 2, boxes / coarse maps;
     the scoring kernel at ViT-B/16 and ViT-L/14 shapes with G = 1 and G > 1; the combine kernel."""
     for dtype, settings in MASK_VARIANTS.items():
@@ -140,12 +130,12 @@ def variants() -> Iterator[Tuple[str, object, str, tuple, dict, bool]]:
         yield ("attentive_mask_bwd", am._mask_bwd_kernel, str(dtype)[6:], am.backward_args(grad, idx, grad, 1, 1000),
                {"VEC": am.vector_width(grad)}, dtype == torch.bfloat16)
     for setting in _score_variants():
-        yield ("cls_scores", SCORES, *_score_variant(*setting), False)
+        yield ("cls_scores", ca._cls_scores_kernel, *_score_variant(*setting), False)
     for dtype in (torch.float32, torch.float64):
         for prior in (False, True):
             partial, out = torch.zeros(64, 3, 196, dtype=dtype), torch.zeros(64, 196, dtype=dtype)
             prior_t = torch.zeros(64, 196) if prior else out
-            yield ("cls_combine", COMBINE, f"{str(dtype)[6:]}{'-prior' if prior else ''}",
+            yield ("cls_combine", ca._combine_kernel, f"{str(dtype)[6:]}{'-prior' if prior else ''}",
                    (partial, prior_t, out, 12, 196, 3, *prior_t.stride()),
                    {"HAS_PRIOR": prior, "BLOCK_N": 256}, False)
 
@@ -202,7 +192,7 @@ def mutation_analysis(cc: int) -> Iterator[Dict]:
     for kernel_name, kernel, variant, runtime, constexprs, _ in variants():
         kwargs = dict(zip(kernel.fn.arg_names, runtime), **constexprs)
         start = time.time()
-        written = writes(kernel.fn if isinstance(kernel, Plain) else kernel, kwargs)
+        written = writes(kernel, kwargs)
         yield dict(kernel=kernel_name, variant=variant, cc=cc, writes=sorted(written),
                    seconds=round(time.time() - start, 2))
 
@@ -223,7 +213,8 @@ def main(argv=None) -> int:
         return 0
     print(json.dumps({"autotune_configs": {"attentive_mask_fwd": len(am._mask_fwd_kernel.configs),
                                            "attentive_mask_bwd": len(am._mask_bwd_kernel.configs),
-                                           "cls_scores": len(SCORES.configs), "cls_combine": len(COMBINE.configs)}}))
+                                           "cls_scores": len(ca._cls_scores_kernel.configs),
+                                           "cls_combine": len(ca._combine_kernel.configs)}}))
     ok = True
     for record in compile_all(args.cc, args.all_configs):
         ok &= record["ok"]
