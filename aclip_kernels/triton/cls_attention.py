@@ -21,6 +21,13 @@ image (a memset launch, or counters that reset themselves), a release/acquire fe
 serial tail in one program; the second launch costs a few microseconds, only where images are too
 few to fill the GPU, and its result does not depend on which program finishes last (deterministic).
 
+Compile facts (benchmarks/results/compile_facts.md, Triton 3.8; compile_facts_triton36.md for 3.6):
+no spill in any variant on sm_80, sm_90 or gfx942; ViT-B/16 bf16 G = 1 takes 93/112 registers on
+sm_80/sm_90 and 52 VGPRs on gfx942. Besides the scratch barrier, the kernel's barriers (6 to 19 in
+all) are Triton's: the cross-warp reductions after the key loop and in pass 3, and layout
+conversions of the [BLOCK_T, BLOCK_H] logits tile; for bf16 ViT-B/16 on sm_90, 3 of them per key
+tile (the head-dim reduction's layout converted for the scratch store).
+
 Scratch or recompute: the scratch moves 2 * H * N * acc bytes per image (ViT-B/16 fp32 acc:
 2 * 12 * 196 * 4 = 18.8 KB, L2-resident); recomputing the logits in pass 3 would read k again,
 H * T * Dh * itemsize per image (ViT-B/16 bf16: 12 * 197 * 64 * 2 = 303 KB). The scratch wins 16x.
