@@ -134,7 +134,7 @@ def test_fused_float64_scores_stay_float64(monkeypatch):
     g = torch.Generator().manual_seed(9)
     q = torch.randn(2, 3, 8, generator=g, dtype=torch.float64).to(DEVICE)
     k = torch.randn(2, 3, 1 + 16, 8, generator=g, dtype=torch.float64).to(DEVICE)
-    assert scoring.launch_cls_scores(q, k, None, 1, 0.3).dtype == torch.float64
+    assert torch.ops.aclip_kernels.cls_attention_triton(q, k, 1, 0.3, None).dtype == torch.float64
     x = torch.randn(2, 1 + 16, 8, generator=g).to(DEVICE)
     inputs = dict(x=x, q=q, k=k, keep=5, grid=(4, 4))
     assert_mask_matches_reference(*ak.attentive_mask(**inputs, backend="triton"), inputs,
