@@ -23,16 +23,22 @@ the registered op is checked by the op. All offsets are int64 products.
 
 Selection, decided from the compile facts (benchmarks/results/compile_facts.md): the bitwise
 search stays. Its loop body holds 8 barriers (sm_80/sm_90, static count; 32 runtime steps).
-Rank by counting for <= 64 padded units (a unit is kept when fewer than n units beat it: one
-[U, U] key comparison and one reduction, 5 barriers once, int32 keys, padding masked) was built
-and compiled: at A-CLIP's ViT-B/16 variant (bf16, b=2, boxes, D=768) it took 255 registers with
-40-88 bytes of spills on sm_80/sm_90 and 205 spilled VGPRs on gfx942 (first config, 4 warps), where
-the search takes 96 registers and no spills; at float32 b=1 8x8 it fit on CUDA (168 registers) but
-spilled on gfx942. Triton gives no shared-memory scratch to stream the [U, U] comparison in
-chunks, so it was left out. The other way, written down for later: two kernels, a tiny selection
-kernel (one program per row, idx only) and an xFormers-style 2-D gather over (index tiles x D
-tiles), which overlaps the copy of one row with the selection of others and lets the copy keep
-several tiles in flight (here a store to ``kept`` may alias the next load from ``x``).
+Rank by counting for <= 64 padded units (a unit is kept when fewer than n units beat it: a higher
+int32 key, or the same key at a lower index; one [U, U] comparison and one reduction, padding
+masked; units flattened with ``tl.reshape``) was built twice. The first time, inside the fused
+kernel, A-CLIP's ViT-B/16 variant (bf16, b=2, boxes, D=768: 7x7 units padded to 64) took 255
+registers with 40-88 bytes of spills on sm_80/sm_90 and 205 spilled VGPRs on gfx942. Retried once
+the scoring phase had left this kernel (first config, 4 warps; it passed the interpreter tests):
+that variant still spills, 40 / 88 bytes on sm_80 / sm_90 and 207 VGPRs on gfx942 under Triton
+3.8, 88 / 112 bytes on sm_80 / sm_90 under Triton 3.6 (gfx942: 364 VGPRs, no spill); at 8x8 units
+(b=1, 64 units) float32 and bf16 spill 8 VGPRs on gfx942 under Triton 3.8; at 16 units (8x8 with
+b=2) it fits everywhere but gains nothing: there the search stays within one warp (0 selection
+barriers) and the counting takes 1. So it was left out again. Triton gives no
+shared-memory scratch to stream the [U, U] comparison in chunks. The other way, written down for
+later: two kernels, a tiny selection kernel (one program per row, idx only) and an xFormers-style
+2-D gather over (index tiles x D tiles), which overlaps the copy of one row with the selection of
+others and lets the copy keep several tiles in flight (here a store to ``kept`` may alias the next
+load from ``x``).
 
 Fused scoring (issue #14 item 3), built in the style of flash-decoding: a separate scoring launch
 (cls_attention.py's docstring has the design) of one program per (image, head group) loads k in
