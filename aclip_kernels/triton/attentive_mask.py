@@ -75,7 +75,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import (autotune, dummy, fadd, fmul, fsub, launch_options, next_pow2, use_rn, vector_width,
+from ._common import (autotune, cached, dummy, fadd, fmul, fsub, launch_options, next_pow2, use_rn, vector_width,
                       wrap_triton)
 from .cls_attention import launch_cls_scores
 
@@ -306,10 +306,7 @@ def forward_launch(x: Tensor, scores: Optional[Tensor], q: Optional[Tensor], k: 
         scores = launch_cls_scores(q, k, prior, p, scale)
     key = (bx, d, p, tuple(score_grid), tuple(grid), block, num_units, scores.shape[0], boxes is not None,
            use_rn(x.device), vector_width(x))
-    try:
-        scalars, rows_bucket, constexprs = _forward_plan(*key)
-    except TypeError:  # symbolic sizes while torch.compile traces: unhashable, nothing to cache
-        scalars, rows_bucket, constexprs = _forward_plan.__wrapped__(*key)
+    scalars, rows_bucket, constexprs = cached(_forward_plan, *key)
     runtime = (x, kept, idx, scores, dummy(x, boxes), *scalars, *x.stride(), *scores.stride(), rows_bucket)
     return (kept, idx), (bx,), runtime, dict(constexprs)
 

@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import autotune, next_pow2, wrap_triton
+from ._common import autotune, cached, next_pow2, wrap_triton
 
 __all__ = ["launch_cls_attention", "launch_cls_scores", "accumulation_dtype", "score_plan"]
 
@@ -213,7 +213,8 @@ def launch_cls_scores(q: Tensor, k: Tensor, prior: Optional[Tensor], num_prefix_
     b, h, t, dh = k.shape
     n = t - num_prefix_tokens
     dtype = accumulation_dtype(q)
-    plan = score_plan(b, h, t, dh, dtype == torch.float64, sm_count(q.device), FORCE_GROUPS)
+    key = (b, h, t, dh, dtype == torch.float64, sm_count(q.device), FORCE_GROUPS)
+    plan = cached(score_plan, *key)
     groups = plan["groups"]
     out = torch.empty(b, n, dtype=dtype, device=q.device)
     logits = torch.empty(b, h, n, dtype=dtype, device=q.device)
