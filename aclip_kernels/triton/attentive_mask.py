@@ -51,10 +51,11 @@ Bandwidth model of the fused forward, ViT-B/16 bf16 (H=12, Dh=64, T=197, N=196),
 GPU measured it): the scoring reads k once, 12*197*64*2 = 303 KB per image (contiguous 1.5 KB per
 token in timm's packed qkv), plus q (1.5 KB), a logits scratch written and read once (2*12*196*4 =
 19 KB, L2-resident) and the [N] map (0.8 KB); the mask kernel then reads the map and copies the
-kept rows. Programs on an H200 (132 SMs): B=256: G=1, 256 scoring programs (1.9 per SM, 8 warps,
-12 KB of k per tile in flight each), 78 MB of k, about 16 us at the 4.8 TB/s peak, about 25 us at
-the ~65% that 2 programs per SM can keep in flight (estimate); B=64: G=3 (4 heads per group, no
-padded head lanes), 192 programs; B=8: G=12 (one head per group), 96 programs, latency-bound
+kept rows. Programs on an H200 (132 SMs): B=256: G=1, 256 scoring programs (1.9 per SM, 8 warps),
+each with two 12 KB tiles of k in flight (the tile in use and the next, prefetched), ~46 KB per
+SM, against the ~36 KB per SM that Little's law asks for at 4.8 TB/s and ~1 us of loaded latency;
+78 MB of k: about 16 us at the peak, about 20 us at 80% of it (estimate); B=64: G=3 (4 heads per
+group, no padded head lanes), 192 programs; B=8: G=12 (one head per group), 96 programs, latency-bound
 (2.4 MB of k, a few microseconds). G>1 adds the combine launch (G*N*4 bytes per image). Mask
 kernel: B*V programs (512 at B=256x2).
 

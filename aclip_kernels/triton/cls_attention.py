@@ -7,7 +7,8 @@ sequence-first packed qkv at large B passes 2**31 elements).
 Program (b, g) takes the heads [g * hpg, (g + 1) * hpg) of image b (hpg heads per group):
   1. per key tile, one [BLOCK_T, BLOCK_H, BLOCK_DH] load of k (in timm's packed qkv layout the
      H*Dh elements of a token are contiguous; any strides work) against q of the group's heads,
-     loaded once; the logits [BLOCK_T, BLOCK_H] stay on chip with a running max and sum per
+     loaded once; the next tile's load is issued before this one is used (two tiles in flight
+     per program; not for head dims over 256, which loop over Dh chunks); the logits [BLOCK_T, BLOCK_H] stay on chip with a running max and sum per
      (lane, head) element, so no reduction crosses warps inside the loop; the logits of the patch
      keys go to a scratch [B, H, N] (written once);
   2. the running maxima and sums are merged per head, then ONE barrier;
@@ -25,7 +26,7 @@ Compile facts (benchmarks/results/compile_facts.md, Triton 3.8; compile_facts_tr
 no spill in any variant on sm_80, sm_90 or gfx942; ViT-B/16 bf16 G = 1 takes 93/112 registers on
 sm_80/sm_90 and 52 VGPRs on gfx942. Besides the scratch barrier, the kernel's barriers (6 to 19 in
 all) are Triton's: the cross-warp reductions after the key loop and in pass 3, and layout
-conversions of the [BLOCK_T, BLOCK_H] logits tile; for bf16 ViT-B/16 on sm_90, 3 of them per key
+conversions of the [BLOCK_T, BLOCK_H] logits tile; for bf16 ViT-B/16 on sm_90, 2 of them per key
 tile (the head-dim reduction's layout converted for the scratch store).
 
 Scratch or recompute: the scratch moves 2 * H * N * acc bytes per image (ViT-B/16 fp32 acc:
@@ -93,6 +94,8 @@ def _cls_scores_kernel(q, k, prior, out, logits, H, T, P, N, Dh, hpg, G,
     log_row = logits + (b * H + heads[None, :]) * N - P  # + t: the patch logits of token t >= P
     run_max = tl.full((BLOCK_T, BLOCK_H), float("-inf"), acc_ty)
     run_sum = tl.zeros((BLOCK_T, BLOCK_H), acc_ty)
+    if not SPLIT_DH:  # the first key tile; each step then loads the next before it uses this one
+        k_next = tl.load(k_ptrs, mask=(tl.arange(0, BLOCK_T) < T)[:, None, None] & qd_mask[None, :, :], other=0.0)
     for t0 in range(0, T, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         tmask = offs_t < T
@@ -108,8 +111,10 @@ def _cls_scores_kernel(q, k, prior, out, logits, H, T, P, N, Dh, hpg, G,
                 q_part += dstep_q
                 k_part += dstep_k
         else:
-            kt = tl.load(k_ptrs, mask=tmask[:, None, None] & qd_mask[None, :, :], other=0.0).to(acc_ty)
-            logit = tl.sum(kt * qt[None, :, :], axis=2)
+            kt = k_next
+            k_next = tl.load(k_ptrs + step, mask=((offs_t + BLOCK_T) < T)[:, None, None] & qd_mask[None, :, :],
+                             other=0.0)
+            logit = tl.sum(kt.to(acc_ty) * qt[None, :, :], axis=2)
         k_ptrs += step
         valid = tmask[:, None] & hmask[None, :]
         logit = tl.where(valid, logit * scale, float("-inf"))
