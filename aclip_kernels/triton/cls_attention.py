@@ -24,7 +24,8 @@ few to fill the GPU, and its result does not depend on which program finishes la
 
 Compile facts (benchmarks/results/compile_facts.md, Triton 3.8; compile_facts_triton36.md for 3.6):
 no spill in any variant on sm_80, sm_90 or gfx942; ViT-B/16 bf16 G = 1 takes 93/112 registers on
-sm_80/sm_90 and 52 VGPRs on gfx942. Besides the scratch barrier, the kernel's barriers (6 to 19 in
+sm_80/sm_90 and 62 VGPRs on gfx942 (Triton 3.6: 108/112 and 68; float64 on 3.6 takes 241
+registers, the most of any variant). Besides the scratch barrier, the kernel's barriers (6 to 19 in
 all) are Triton's: the cross-warp reductions after the key loop and in pass 3, and layout
 conversions of the [BLOCK_T, BLOCK_H] logits tile; for bf16 ViT-B/16 on sm_90, 2 of them per key
 tile (the head-dim reduction's layout converted for the scratch store).
@@ -33,9 +34,10 @@ Scratch or recompute: the scratch moves 2 * H * N * acc bytes per image (ViT-B/1
 2 * 12 * 196 * 4 = 18.8 KB, L2-resident); recomputing the logits in pass 3 would read k again,
 H * T * Dh * itemsize per image (ViT-B/16 bf16: 12 * 197 * 64 * 2 = 303 KB). The scratch wins 16x.
 
-Head groups: G = 1 when B >= the device's SM count (training batches, B = 256 on an H200 with 132
-SMs); below it G = ceil(H / ceil(H / ceil(SMs / B))) groups of equal size, so that B * G fills the
-SMs where H allows (the interpreter counts ``INTERPRETER_SMS``). ``FORCE_GROUPS`` overrides G (tests).
+Head groups, the rule of the CUDA backend: the most groups with B * G <= 2 * SMs, at least 1, at
+most H (G = 1 at training batches, B = 256 on an H200 with 132 SMs; B = 64: 4 groups of 3 heads;
+B = 8: 12 of 1), then equal groups of ceil(H / G) heads (the interpreter counts
+``INTERPRETER_SMS``). ``FORCE_GROUPS`` overrides G (tests).
 Tile sizes are heuristics (no autotuning: no GPU timings to tune against, and each launched variant
 is then exactly one compiled kernel for the compile facts): a k tile of at most ``TILE`` elements
 (32 per thread at 8 warps; halved for float64), BLOCK_DH = next_pow2(Dh) up to 256 (longer heads
@@ -187,7 +189,7 @@ def score_plan(b: int, h: int, t: int, dh: int, wide: bool, sms: int, force: Opt
     tile = TILE // 2 if wide else TILE
     block_dh = min(next_pow2(dh), MAX_BLOCK_DH)
     max_hpg = max(1, tile // block_dh)
-    groups = force if force is not None else -(-sms // max(b, 1))
+    groups = force if force is not None else 2 * sms // max(b, 1)
     groups = min(max(groups, 1), h)
     hpg = min(-(-h // groups), max_hpg)
     block_h = next_pow2(hpg)

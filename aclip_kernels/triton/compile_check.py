@@ -82,7 +82,8 @@ MASK_VARIANTS = {
     torch.bfloat16: [dict(block=1, boxes=False), dict(block=2, boxes=True, all_configs=True)],
 }
 # Scoring: (name, heads, tokens, head dim); images B with the SM count of an H200 (132): B = 256
-# gives G = 1, B = 64 G = 3 (ViT-B) / 3 (ViT-L), B = 8 one head per group. Plus small and long-head shapes.
+# gives G = 1, B = 64 G = 4 (ViT-B: 3 heads per group, ViT-L: 4), B = 8 one head per group. Plus
+# small and long-head shapes.
 SMS = 132
 SCORE_MODELS = [("vitb", 12, 197, 64), ("vitl14", 16, 257, 64)]
 SCORE_BATCHES = (256, 64)
