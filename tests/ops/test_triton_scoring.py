@@ -52,7 +52,7 @@ def test_key_tiles_and_head_dim_chunks(tokens, heads, head_dim, groups):
     k = torch.randn(2, tokens + 2, heads, head_dim + 1, generator=g)[:, 1:-1, :, :head_dim].transpose(1, 2).to(DEVICE)
     plan = _plan(q, k)
     assert plan["SPLIT_DH"] == (head_dim > 256)
-    if head_dim <= 256:
+    if head_dim <= 256 and groups is not None:  # forced G = 1 / 2: several key tiles, the last partial
         assert plan["BLOCK_T"] < tokens and tokens % plan["BLOCK_T"], plan
     prior = torch.rand(2, 2 * (tokens - 1), generator=g).to(DEVICE)[:, ::2]  # column stride 2
     result = ak.cls_attention(q, k, num_prefix_tokens=1, scale=0.2, prior=prior, backend="triton")
