@@ -54,8 +54,8 @@ token in timm's packed qkv), plus q (1.5 KB), a logits scratch written and read 
 kept rows. Programs on an H200 (132 SMs): B=256: G=1, 256 scoring programs (1.9 per SM, 8 warps),
 each with two 12 KB tiles of k in flight (the tile in use and the next, prefetched), ~46 KB per
 SM, against the ~36 KB per SM that Little's law asks for at 4.8 TB/s and ~1 us of loaded latency;
-78 MB of k: about 16 us at the peak, about 20 us at 80% of it (estimate); B=64: G=4 (3 heads per
-group, padded to 4 lanes), 256 programs; B=8: G=12 (one head per group), 96 programs, latency-bound
+78 MB of k: about 16 us at the peak, about 20 us at 80% of it (estimate); B=64: G=3 (4 heads per
+group, no padded head lanes), 192 programs; B=8: G=12 (one head per group), 96 programs, latency-bound
 (2.4 MB of k, a few microseconds). G>1 adds the combine launch (G*N*4 bytes per image). Mask
 kernel: B*V programs (512 at B=256x2).
 

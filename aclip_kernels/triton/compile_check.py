@@ -82,7 +82,7 @@ MASK_VARIANTS = {
     torch.bfloat16: [dict(block=1, boxes=False), dict(block=2, boxes=True, all_configs=True)],
 }
 # Scoring: (name, heads, tokens, head dim); images B with the SM count of an H200 (132): B = 256
-# gives G = 1, B = 64 G = 4 (ViT-B: 3 heads per group, ViT-L: 4), B = 8 one head per group. Plus
+# gives G = 1, B = 64 G = 3 (ViT-B: 4 heads per group, ViT-L: 6), B = 8 one head per group. Plus
 # small and long-head shapes.
 SMS = 132
 SCORE_MODELS = [("vitb", 12, 197, 64), ("vitl14", 16, 257, 64)]

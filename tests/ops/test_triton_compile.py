@@ -106,7 +106,7 @@ def test_torch_compile_mutation_analysis_is_fast_and_precise():
 # backward, and the scoring kernel at ViT-B/16 (bf16, G = 1) and ViT-L/14 (fp16 + prior, G > 1).
 FACT_VARIANTS = ("attentive_mask_fwd/float32-b1-d100", "attentive_mask_fwd/bfloat16-b2-boxes-d768-g14",
                  "attentive_mask_bwd/bfloat16", "cls_scores/bfloat16-vitb-B256-g1",
-                 "cls_scores/float16-vitl14-B64-g4-prior")
+                 "cls_scores/float16-vitl14-B64-g3-prior")
 
 
 def test_compile_facts_no_spills_and_vector_row_copies(tmp_path):
