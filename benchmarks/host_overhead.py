@@ -102,8 +102,9 @@ def run(rounds: int, only=None) -> list:
     import importlib
 
     # the modules (the package re-exports functions of the same names)
-    kernels = (importlib.import_module("aclip_kernels.triton.attentive_mask")._mask_fwd_kernel,
-               importlib.import_module("aclip_kernels.triton.cls_attention")._cls_attention_kernel)
+    triton_mask = importlib.import_module("aclip_kernels.triton.attentive_mask")
+    triton_scores = importlib.import_module("aclip_kernels.triton.cls_attention")
+    kernels = (triton_mask._mask_fwd_kernel, triton_scores._cls_scores_kernel, triton_scores._combine_kernel)
     rows = []
     backends = [b for b in ("cpu", "triton") if b in ak.available_backends("cpu") and b in (only or (b,))]
     for kernel in kernels:

@@ -128,6 +128,15 @@ def consume_checked() -> bool:
     return checked
 
 
+def cached(plan, *key):
+    """``plan(*key)`` through its ``functools.lru_cache``; uncached for symbolic sizes while
+    torch.compile traces (unhashable)."""
+    try:
+        return plan(*key)
+    except TypeError:
+        return plan.__wrapped__(*key)
+
+
 def dummy(like: torch.Tensor, t: Optional[torch.Tensor]) -> torch.Tensor:
     """``t``, or a stand-in pointer for an argument the kernel does not read."""
     return like if t is None else t

@@ -1,10 +1,11 @@
-"""attentive_mask in Triton: the fused forward (one program per output row; with fused q/k scores
-one program per image, which computes the image's scores once and then does each of its views)
-and the one-pass backward.
+"""attentive_mask in Triton: the forward (one program per output row, views in parallel; with
+fused q/k the score map is computed first by the scoring kernel, ``launch_cls_scores`` in
+cls_attention.py, as the CUDA backend runs cls_attention and then its mask kernel) and the one-pass
+backward.
 
 Forward, per output row r (view v of image i = r % Bs):
-  1. the score map of image i: read from ``scores`` [Bs, Hs*Ws], or computed from q/k (+ prior)
-     into a [Bs, Hs*Ws] buffer by ``cls_attention_row``;
+  1. the score map of image i: row i of ``scores`` [Bs, Hs*Ws], given or computed from q/k
+     (+ prior) by the scoring launch into a [Bs, Hs*Ws] buffer (float32; float64 for float64 q);
   2./3. the score of each b x b unit: its cells sampled bilinearly in the view's box (when boxes
      are given or the grids differ), summed row-major and divided by b*b, each float32 operation
      rounded as in ``aclip_kernels.reference`` (explicit ``.rn`` PTX on CUDA: no FMA contraction,
@@ -22,30 +23,48 @@ the registered op is checked by the op. All offsets are int64 products.
 
 Selection, decided from the compile facts (benchmarks/results/compile_facts.md): the bitwise
 search stays. Its loop body holds 8 barriers (sm_80/sm_90, static count; 32 runtime steps).
-Rank by counting for <= 64 padded units (a unit is kept when fewer than n units beat it: one
-[U, U] key comparison and one reduction, 5 barriers once, int32 keys, padding masked) was built
-and compiled: at A-CLIP's ViT-B/16 variant (bf16, b=2, boxes, D=768) it took 255 registers with
-40-88 bytes of spills on sm_80/sm_90 and 205 spilled VGPRs on gfx942 (first config, 4 warps), where
-the search takes 96 registers and no spills; at float32 b=1 8x8 it fit on CUDA (168 registers) but
-spilled on gfx942. Triton gives no shared-memory scratch to stream the [U, U] comparison in
-chunks, so it was left out. The other way, written down for later: two kernels, a tiny selection
-kernel (one program per row, idx only) and an xFormers-style 2-D gather over (index tiles x D
-tiles), which overlaps the copy of one row with the selection of others and lets the copy keep
-several tiles in flight (here a store to ``kept`` may alias the next load from ``x``).
+Rank by counting for <= 64 padded units (a unit is kept when fewer than n units beat it: a higher
+int32 key, or the same key at a lower index; one [U, U] comparison and one reduction, padding
+masked; units flattened with ``tl.reshape``) was built twice. The first time, inside the fused
+kernel, A-CLIP's ViT-B/16 variant (bf16, b=2, boxes, D=768: 7x7 units padded to 64) took 255
+registers with 40-88 bytes of spills on sm_80/sm_90 and 205 spilled VGPRs on gfx942. Retried once
+the scoring phase had left this kernel (first config, 4 warps; it passed the interpreter tests):
+that variant still spills, 40 / 88 bytes on sm_80 / sm_90 and 207 VGPRs on gfx942 under Triton
+3.8, 88 / 112 bytes on sm_80 / sm_90 under Triton 3.6 (gfx942: 364 VGPRs, no spill); at 8x8 units
+(b=1, 64 units) float32 and bf16 spill 8 VGPRs on gfx942 under Triton 3.8; at 16 units (8x8 with
+b=2) it fits everywhere but gains nothing: there the search stays within one warp (0 selection
+barriers) and the counting takes 1. So it was left out again. Triton gives no
+shared-memory scratch to stream the [U, U] comparison in chunks. The other way, written down for
+later: two kernels, a tiny selection kernel (one program per row, idx only) and an xFormers-style
+2-D gather over (index tiles x D tiles), which overlaps the copy of one row with the selection of
+others and lets the copy keep several tiles in flight (here a store to ``kept`` may alias the next
+load from ``x``).
 
-Fused scoring, future work (issue #14 item 3, not built): score all heads per key tile in the
-style of flash-decoding: load [BLOCK_T, H*Dh] (contiguous per token in timm's qkv layout), keep
-the [H, BLOCK_T] logits on chip with an online max and sum per head, and split over (image, head
-group) programs when the images are too few to fill the GPU, then one selection per image. Today
-each program runs its image's heads one after another, with a logits round trip through global
-memory and 2 barriers per head.
+Fused scoring (issue #14 item 3), built in the style of flash-decoding: a separate scoring launch
+(cls_attention.py's docstring has the design) of one program per (image, head group) loads k in
+[BLOCK_T, heads, Dh] tiles, keeps the logits on chip with an online max and sum, and splits an
+image's heads over G programs when the images are too few to fill the GPU; then this kernel does
+one selection per output row. Before, one program per image ran its heads one after another
+(dependent k-tile loads, a logits round trip and 2 barriers per head), then each view serially.
+
+Bandwidth model of the fused forward, ViT-B/16 bf16 (H=12, Dh=64, T=197, N=196), an ESTIMATE (no
+GPU measured it): the scoring reads k once, 12*197*64*2 = 303 KB per image (contiguous 1.5 KB per
+token in timm's packed qkv), plus q (1.5 KB), a logits scratch written and read once (2*12*196*4 =
+19 KB, L2-resident) and the [N] map (0.8 KB); the mask kernel then reads the map and copies the
+kept rows. Programs on an H200 (132 SMs): B=256: G=1, 256 scoring programs (1.9 per SM, 8 warps),
+each with two 12 KB tiles of k in flight (the tile in use and the next, prefetched), ~46 KB per
+SM, against the ~36 KB per SM that Little's law asks for at 4.8 TB/s and ~1 us of loaded latency;
+78 MB of k: about 16 us at the peak, about 20 us at 80% of it (estimate); B=64: G=3 (4 heads per
+group, no padded head lanes), 192 programs; B=8: G=12 (one head per group), 96 programs, latency-bound
+(2.4 MB of k, a few microseconds). G>1 adds the combine launch (G*N*4 bytes per image). Mask
+kernel: B*V programs (512 at B=256x2).
 
 Autotuning: keyed on what changes the best config, not on (N, D) alone: the row count bucketed to
-a power of two (``rows_bucket``: a small eval batch and B=512 fill the GPU differently), fused q/k
-or not (the fused program runs a whole image's scoring before its copies), the block size and
-boxes (the selection's share of a program), and the dtypes (the autotuner adds them). Heuristics
-in the style of Liger (a config computed from D and the row count) would skip the first-call
-benchmark, but need GPU timings to fit; with none measured yet, autotuning stays, keyed properly.
+a power of two (``rows_bucket``: a small eval batch and B=512 fill the GPU differently), the block
+size and boxes (the selection's share of a program), and the dtypes (the autotuner adds them);
+fused q/k or not no longer changes this kernel. Heuristics in the style of Liger (a config computed
+from D and the row count) would skip the first-call benchmark, but need GPU timings to fit; with
+none measured yet, autotuning stays here, keyed properly (the scoring kernel uses heuristic tiles).
 """
 from __future__ import annotations
 
@@ -57,9 +76,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import (autotune, dummy, fadd, fmul, fsub, launch_options, next_pow2, use_rn, vector_width,
+from ._common import (autotune, cached, dummy, fadd, fmul, fsub, launch_options, next_pow2, use_rn, vector_width,
                       wrap_triton)
-from .cls_attention import accumulation_dtype, cls_attention_row
+from .cls_attention import launch_cls_scores
 
 __all__ = ["launch_attentive_mask", "launch_attentive_mask_backward", "forward_launch"]
 
@@ -197,42 +216,25 @@ _FWD_CONFIGS = [triton.Config({"COPY_ROWS": r, "BLOCK_D": d}, num_warps=w)
                                 (32, 128, 8))]
 
 
-@autotune(_FWD_CONFIGS, key=["N", "D", "rows_bucket", "FUSED", "BLOCK", "HAS_BOXES"])
+@autotune(_FWD_CONFIGS, key=["N", "D", "rows_bucket", "BLOCK", "HAS_BOXES"])
 @triton.jit(do_not_specialize=["n_units", "rows_bucket"])
-def _mask_fwd_kernel(x, kept, idx, scores, boxes, q, k, prior, logits,
-                     Bs, views_per_program, P, N, D, M, n_units,
+def _mask_fwd_kernel(x, kept, idx, scores, boxes, Bs, P, N, D, M, n_units,
                      Hs, Ws, Hs_f, Ws_f, Hg_f, Wg_f, Wg, Hu, Wu,
-                     sx0, sx1, sx2, ss0, ss1, sq0, sq1, sq2, sk0, sk1, sk2, sk3, sp0, sp1,
-                     H, Dh, scale, rows_bucket,
+                     sx0, sx1, sx2, ss0, ss1, rows_bucket,
                      BLOCK: tl.constexpr, RESAMPLE: tl.constexpr, HAS_BOXES: tl.constexpr,
-                     FUSED: tl.constexpr, HAS_PRIOR: tl.constexpr,
-                     BLOCK_HU: tl.constexpr, BLOCK_WU: tl.constexpr,
-                     BLOCK_T: tl.constexpr, BLOCK_DH: tl.constexpr, RN: tl.constexpr, VEC: tl.constexpr,
+                     BLOCK_HU: tl.constexpr, BLOCK_WU: tl.constexpr, RN: tl.constexpr, VEC: tl.constexpr,
                      COPY_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Grid (Bs * V / views_per_program,): program g * Bs + i does views
-    [g * views_per_program, (g + 1) * views_per_program) of image i. ``rows_bucket`` (the program
-    count rounded up to a power of two) is read only by the autotuner's key."""
+    """Grid (Bx,): output row r (view r // Bs of image r % Bs). ``rows_bucket`` (Bx rounded up to
+    a power of two) is read only by the autotuner's key."""
     if VEC > 1:  # VEC divides D and x's row strides: lets the row copies vectorise
         D = (D // VEC) * VEC
         sx0 = (sx0 // VEC) * VEC
         sx1 = (sx1 // VEC) * VEC
-    pid = tl.program_id(0)
-    image = pid % Bs
-    group = pid // Bs
-    map_row = scores + image.to(tl.int64) * ss0
-    if FUSED:
-        i64 = image.to(tl.int64)
-        Ts = P + Hs * Ws
-        cls_attention_row(q + i64 * sq0, k + i64 * sk0, prior + i64 * sp0, map_row,
-                          logits + i64 * Ts, H, Ts, P, Dh, sq1, sq2, sk1, sk2, sk3, sp1, scale,
-                          HAS_PRIOR, BLOCK_T, BLOCK_DH)
-        tl.debug_barrier()
-    rows_out = P + M
-    for v in range(views_per_program):
-        r = ((group * views_per_program + v) * Bs + image).to(tl.int64)
-        _select_and_gather(x + r * sx0, kept + r * rows_out * D, idx + r * M, map_row, boxes + r * 4,
-                           ss1, sx1, sx2, P, D, Hs, Ws, Hs_f, Ws_f, Hg_f, Wg_f, Wg, Hu, Wu, M, n_units,
-                           BLOCK, RESAMPLE, HAS_BOXES, BLOCK_HU, BLOCK_WU, COPY_ROWS, BLOCK_D, RN)
+    r = tl.program_id(0).to(tl.int64)
+    map_row = scores + (r % Bs) * ss0
+    _select_and_gather(x + r * sx0, kept + r * (P + M) * D, idx + r * M, map_row, boxes + r * 4,
+                       ss1, sx1, sx2, P, D, Hs, Ws, Hs_f, Ws_f, Hg_f, Wg_f, Wg, Hu, Wu, M, n_units,
+                       BLOCK, RESAMPLE, HAS_BOXES, BLOCK_HU, BLOCK_WU, COPY_ROWS, BLOCK_D, RN)
 
 
 _BWD_CONFIGS = [triton.Config({"BLOCK_T": t, "BLOCK_D": d}, num_warps=w)
@@ -276,61 +278,38 @@ def _mask_bwd_kernel(grad_kept, idx, grad_x, P, N, D, M, sg0, sg1, sg2, search_s
         tl.store(dst_row[:, None] + offs_d[None, :], vals, mask=tmask[:, None] & dmask)
 
 
-def fused_block_t(dh: int) -> int:
-    return 32 if next_pow2(dh) >= 128 else 64
-
-
 @functools.lru_cache(maxsize=512)
 def _forward_plan(bx: int, d: int, p: int, score_grid: Tuple[int, int], grid: Tuple[int, int], block: int,
-                  num_units: int, bs: int, fused: bool, dh: int, has_prior: bool, has_boxes: bool, rn: bool,
-                  vec: int):
-    """What a ``_mask_fwd_kernel`` launch needs besides tensors, strides and scale, computed once per
-    (shapes, flags): (programs, the scalar arguments after the tensors, constexprs)."""
+                  num_units: int, bs: int, has_boxes: bool, rn: bool, vec: int):
+    """What a ``_mask_fwd_kernel`` launch needs besides tensors and strides, computed once per
+    (shapes, flags): (the scalar arguments after the tensors, rows_bucket, constexprs)."""
     hs, ws = score_grid
     hg, wg = grid
-    views_per_program, programs = (bx // bs, bs) if fused else (1, bx)
-    scalars = (bs, views_per_program, p, hg * wg, d, num_units * block * block, num_units,
+    scalars = (bs, p, hg * wg, d, num_units * block * block, num_units,
                hs, ws, float(hs), float(ws), float(hg), float(wg), wg, hg // block, wg // block)
-    # ``forward_launch`` appends (strides..., heads, dh, scale) and then ``rows_bucket``
-    rows_bucket = next_pow2(programs)
     constexprs = dict(BLOCK=block, RESAMPLE=has_boxes or score_grid != grid, HAS_BOXES=has_boxes,
-                      FUSED=fused, HAS_PRIOR=has_prior,
-                      BLOCK_HU=next_pow2(hg // block), BLOCK_WU=next_pow2(wg // block),
-                      BLOCK_T=fused_block_t(dh), BLOCK_DH=next_pow2(dh), RN=rn, VEC=vec)
-    return programs, scalars, rows_bucket, constexprs
+                      BLOCK_HU=next_pow2(hg // block), BLOCK_WU=next_pow2(wg // block), RN=rn, VEC=vec)
+    return scalars, next_pow2(bx), constexprs
 
 
 def forward_launch(x: Tensor, scores: Optional[Tensor], q: Optional[Tensor], k: Optional[Tensor],
                    prior: Optional[Tensor], boxes: Optional[Tensor], num_prefix_tokens: int,
                    score_grid, grid, block: int, num_units: int, scale: float):
     """(outputs (kept, idx), grid, runtime args, constexprs) of one ``_mask_fwd_kernel`` launch,
-    for checked arguments."""
+    for checked arguments; with q/k (no ``scores``) the score map [Bs, N] is computed first, by
+    ``launch_cls_scores`` (+ prior)."""
     p = num_prefix_tokens
     bx, _, d = x.shape
     m = num_units * block * block
     kept = x.new_empty(bx, p + m, d)
     idx = x.new_empty(bx, m, dtype=torch.int64)
-    fused = scores is None
-    if fused:
-        bs, heads, t_k, dh = k.shape
-        dtype = accumulation_dtype(q)
-        scores = torch.empty(bs, t_k - p, dtype=dtype, device=x.device)  # written by the kernel
-        logits = torch.empty(bs, t_k, dtype=dtype, device=x.device)
-        q_strides, k_strides = q.stride(), k.stride()
-    else:
-        bs, heads, dh = scores.shape[0], 1, 1
-        logits = scores
-        q_strides, k_strides = (0, 0, 0), (0, 0, 0, 0)
-    key = (bx, d, p, tuple(score_grid), tuple(grid), block, num_units, bs, fused, dh, prior is not None,
-           boxes is not None, use_rn(x.device), vector_width(x))
-    try:
-        programs, scalars, rows_bucket, constexprs = _forward_plan(*key)
-    except TypeError:  # symbolic sizes while torch.compile traces: unhashable, nothing to cache
-        programs, scalars, rows_bucket, constexprs = _forward_plan.__wrapped__(*key)
-    runtime = (x, kept, idx, scores, dummy(x, boxes), dummy(x, q), dummy(x, k), dummy(x, prior), logits,
-               *scalars, *x.stride(), *scores.stride(), *q_strides, *k_strides,
-               *((0, 0) if prior is None else prior.stride()), heads, dh, float(scale), rows_bucket)
-    return (kept, idx), (programs,), runtime, dict(constexprs)
+    if scores is None:
+        scores = launch_cls_scores(q, k, prior, p, scale)
+    key = (bx, d, p, tuple(score_grid), tuple(grid), block, num_units, scores.shape[0], boxes is not None,
+           use_rn(x.device), vector_width(x))
+    scalars, rows_bucket, constexprs = cached(_forward_plan, *key)
+    runtime = (x, kept, idx, scores, dummy(x, boxes), *scalars, *x.stride(), *scores.stride(), rows_bucket)
+    return (kept, idx), (bx,), runtime, dict(constexprs)
 
 
 def launch_attentive_mask(x: Tensor, scores: Optional[Tensor], q: Optional[Tensor], k: Optional[Tensor],

@@ -24,7 +24,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 import importlib
-from ._common import INTERPRET, next_pow2
+from ._common import INTERPRET
 
 # The package re-exports functions under the submodules' names, so fetch the modules themselves.
 am = importlib.import_module(".attentive_mask", __package__)
@@ -59,43 +59,68 @@ def _source(kernel, runtime: tuple, constexprs: dict) -> ASTSource:
     return ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
 
 
-def _mask_variant(dtype, block, boxes, coarse=False, fused=False, prior=False, width=64, hg=8):
+def _mask_variant(dtype, block, boxes, coarse=False, width=64, hg=8):
     bs, views, p = 2, 2 if boxes else 1, 1
     x = torch.zeros(bs * views, p + hg * hg, width, dtype=dtype)
-    scores = q = k = pr = bx = None
     hs = hg // 2 + 1 if coarse else hg
-    if fused:
-        q = torch.zeros(bs, 4, 16, dtype=dtype)
-        k = torch.zeros(bs, 4, p + hs * hs, 16, dtype=dtype)
-        pr = torch.zeros(bs, hs * hs) if prior else None
-    else:
-        scores = torch.zeros(bs, hs * hs)
-    if boxes:
-        bx = torch.zeros(bs * views, 4)
-    _, _, runtime, constexprs = am.forward_launch(x, scores, q, k, pr, bx, p, (hs, hs), (hg, hg), block,
+    scores = torch.zeros(bs, hs * hs)
+    bx = torch.zeros(bs * views, 4) if boxes else None
+    _, _, runtime, constexprs = am.forward_launch(x, scores, None, None, None, bx, p, (hs, hs), (hg, hg), block,
                                                   hg * hg // (2 * block * block), 0.25)
     constexprs["RN"] = True
     name = (f"{str(dtype)[6:]}-b{block}{'-boxes' if boxes else ''}{'-coarse' if coarse else ''}"
-            f"{'-qk' if fused else ''}{'-prior' if prior else ''}{'' if width == 64 else f'-d{width}'}{'' if hg == 8 else f'-g{hg}'}")
+            f"{'' if width == 64 else f'-d{width}'}{'' if hg == 8 else f'-g{hg}'}")
     return name, runtime, constexprs
 
 
 # The dtype x block x score-path variants compiled; (*) marks the one compiled with every config.
+# (Fused q/k scores are the scoring kernel's launch, then one of these.)
 MASK_VARIANTS = {
     torch.float32: [dict(block=1, boxes=False), dict(block=1, boxes=True), dict(block=1, boxes=False, coarse=True),
-                    dict(block=2, boxes=False), dict(block=2, boxes=True), dict(block=2, boxes=False, coarse=True),
-                    dict(block=2, boxes=True, fused=True, prior=True)],
-    torch.float16: [dict(block=1, boxes=False), dict(block=2, boxes=True), dict(block=1, boxes=True, fused=True)],
-    torch.bfloat16: [dict(block=1, boxes=False), dict(block=2, boxes=True, all_configs=True),
-                     dict(block=2, boxes=True, fused=True)],
+                    dict(block=2, boxes=False), dict(block=2, boxes=True), dict(block=2, boxes=False, coarse=True)],
+    torch.float16: [dict(block=1, boxes=False), dict(block=1, boxes=True), dict(block=2, boxes=True)],
+    torch.bfloat16: [dict(block=1, boxes=False), dict(block=2, boxes=True, all_configs=True)],
 }
-CLS_VARIANTS = [(torch.float32, False, False), (torch.float32, True, False), (torch.float16, True, False),
-                (torch.bfloat16, False, True), (torch.float64, True, False)]
+# Scoring: (name, heads, tokens, head dim); images B with the SM count of an H200 (132): B = 256
+# gives G = 1, B = 64 G = 3 (ViT-B: 4 heads per group, ViT-L: 6), B = 8 one head per group. Plus
+# small and long-head shapes.
+SMS = 132
+SCORE_MODELS = [("vitb", 12, 197, 64), ("vitl14", 16, 257, 64)]
+SCORE_BATCHES = (256, 64)
+SCORE_EXTRA = [("float32", "small", 4, 17, 16, 2, False), ("float64", "small", 4, 17, 16, 2, True),
+               ("float64", "vitb", 12, 197, 64, 256, False), ("bfloat16", "vitb", 12, 197, 64, 8, True),
+               ("float32", "dh320", 2, 33, 320, 256, False)]
+
+
+def _score_variant(dtype, model, heads, tokens, dh, batch, prior):
+    """(variant name, runtime args, constexprs) of a scoring launch at these shapes (sequence-first
+    packed qkv strides, as timm's), planned for ``SMS`` SMs."""
+    q = torch.zeros(batch, 3, heads, dh, dtype=dtype)[:, 0]
+    k = torch.zeros(batch, tokens, 3, heads, dh, dtype=dtype).permute(2, 0, 3, 1, 4)[1]
+    plan = ca.score_plan(batch, heads, tokens, dh, dtype == torch.float64, SMS, None)
+    acc = ca.accumulation_dtype(q)
+    n = tokens - 1
+    out = torch.zeros(batch, n, dtype=acc) if plan["groups"] == 1 else torch.zeros(batch, plan["groups"], n, dtype=acc)
+    logits = torch.zeros(batch, heads, n, dtype=acc)
+    runtime = ca.launch_args(q, k, torch.zeros(batch, n) if prior else None, out, logits, 1, 0.125, plan)
+    name = f"{str(dtype)[6:]}-{model}-B{batch}-g{plan['groups']}{'-prior' if prior else ''}"
+    return name, runtime, ca.kernel_constexprs(plan, prior)
+
+
+def _score_variants() -> Iterator[tuple]:
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for model, heads, tokens, dh in SCORE_MODELS:
+            for batch in SCORE_BATCHES:
+                for prior in (False, True):
+                    yield dtype, model, heads, tokens, dh, batch, prior
+    for dtype, model, heads, tokens, dh, batch, prior in SCORE_EXTRA:
+        yield getattr(torch, dtype), model, heads, tokens, dh, batch, prior
 
 
 def variants() -> Iterator[Tuple[str, object, str, tuple, dict, bool]]:
-    """(kernel name, autotuned kernel, variant, runtime args, constexprs, all configs) for the
-    variants the library launches: every x dtype with block 1 and 2, boxes / coarse maps / fused q/k."""
+    """(kernel name, autotuned kernel, variant, runtime args, constexprs, all configs)
+    for the variants the library launches: every x dtype with block 1 and 2, boxes / coarse maps;
+    the scoring kernel at ViT-B/16 and ViT-L/14 shapes with G = 1 and G > 1; the combine kernel."""
     for dtype, settings in MASK_VARIANTS.items():
         for setting in settings:
             setting = dict(setting)
@@ -105,13 +130,15 @@ def variants() -> Iterator[Tuple[str, object, str, tuple, dict, bool]]:
         idx = torch.zeros(4, 1000, dtype=torch.int64)
         yield ("attentive_mask_bwd", am._mask_bwd_kernel, str(dtype)[6:], am.backward_args(grad, idx, grad, 1, 1000),
                {"VEC": am.vector_width(grad)}, dtype == torch.bfloat16)
-    for dtype, prior, all_configs in CLS_VARIANTS:
-        q = torch.zeros(2, 4, 16, dtype=dtype)
-        k = torch.zeros(2, 4, 17, 16, dtype=dtype)
-        out = torch.zeros(2, 16, dtype=ca.accumulation_dtype(q))
-        runtime = ca.launch_args(q, k, torch.zeros(2, 16) if prior else None, out, out, 1, 0.25)
-        yield ("cls_attention", ca._cls_attention_kernel, f"{str(dtype)[6:]}{'-prior' if prior else ''}",
-               runtime, {"HAS_PRIOR": prior, "BLOCK_DH": next_pow2(16)}, all_configs)
+    for setting in _score_variants():
+        yield ("cls_scores", ca._cls_scores_kernel, *_score_variant(*setting), False)
+    for dtype in (torch.float32, torch.float64):
+        for prior in (False, True):
+            partial, out = torch.zeros(64, 3, 196, dtype=dtype), torch.zeros(64, 196, dtype=dtype)
+            prior_t = torch.zeros(64, 196) if prior else out
+            yield ("cls_combine", ca._combine_kernel, f"{str(dtype)[6:]}{'-prior' if prior else ''}",
+                   (partial, prior_t, out, 12, 196, 3, *prior_t.stride()),
+                   {"HAS_PRIOR": prior, "BLOCK_N": 256}, False)
 
 
 def compile_all(ccs: List[int], all_configs: bool = False) -> Iterator[Dict]:
@@ -187,7 +214,8 @@ def main(argv=None) -> int:
         return 0
     print(json.dumps({"autotune_configs": {"attentive_mask_fwd": len(am._mask_fwd_kernel.configs),
                                            "attentive_mask_bwd": len(am._mask_bwd_kernel.configs),
-                                           "cls_attention": len(ca._cls_attention_kernel.configs)}}))
+                                           "cls_scores": len(ca._cls_scores_kernel.configs),
+                                           "cls_combine": len(ca._combine_kernel.configs)}}))
     ok = True
     for record in compile_all(args.cc, args.all_configs):
         ok &= record["ok"]

@@ -38,8 +38,7 @@ SOURCE = "attentive_mask.py"
 EXTRA_MASK_VARIANTS = [(torch.float32, dict(block=1, boxes=False, width=100)),
                        (torch.bfloat16, dict(block=1, boxes=False, width=100)),
                        (torch.bfloat16, dict(block=1, boxes=False, width=768, hg=14)),
-                       (torch.bfloat16, dict(block=2, boxes=True, width=768, hg=14)),
-                       (torch.bfloat16, dict(block=2, boxes=True, fused=True, width=768, hg=14))]
+                       (torch.bfloat16, dict(block=2, boxes=True, width=768, hg=14))]
 
 
 def _regions() -> Dict[str, set]:
@@ -158,8 +157,8 @@ def variant_list(subset: Optional[List[str]] = None) -> Iterator[tuple]:
 
 
 def row_bytes(kernel_name: str, runtime: tuple) -> Optional[int]:
-    """D * itemsize of the copied rows (None for cls_attention)."""
-    if kernel_name == "cls_attention":
+    """D * itemsize of the copied rows (None for the scoring kernels)."""
+    if kernel_name.startswith("cls_"):
         return None
     x = runtime[0]
     return (x.shape[-1]) * x.element_size()
@@ -189,7 +188,7 @@ def facts(subset: Optional[List[str]] = None) -> Iterator[dict]:
 
 _CSRC = Path(__file__).resolve().parents[2] / "csrc" / "cuda"
 _TYPES = {"h": "u8", "t": "u16", "j": "u32", "5uint2": "uint2", "5uint4": "uint4", "ff": "float",
-          "dd": "double", "13__nv_bfloat16f": "bf16", "6__halff": "half"}
+          "dd": "double", "f": "float", "d": "double", "13__nv_bfloat16f": "bf16", "6__halff": "half"}
 
 
 def _template_args(code: str) -> str:

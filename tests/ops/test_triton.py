@@ -316,14 +316,13 @@ def test_direct_op_calls_are_checked_after_the_public_path():
 
 def test_autotune_keys_name_kernel_parameters():
     """Triton's autotuner silently drops a key that names no parameter: every key must name one,
-    and the keys must include the row bucket (and, for the forward, fused and block)."""
+    and the keys must include the row bucket (and, for the forward, block and boxes)."""
     from aclip_kernels.triton import compile_check
-    kernels = {"fwd": compile_check.am._mask_fwd_kernel, "bwd": compile_check.am._mask_bwd_kernel,
-               "cls": compile_check.ca._cls_attention_kernel}
+    kernels = {"fwd": compile_check.am._mask_fwd_kernel, "bwd": compile_check.am._mask_bwd_kernel}
     for name, kernel in kernels.items():
         assert set(kernel.keys) <= set(kernel.fn.arg_names), (name, kernel.keys)
         assert "rows_bucket" in kernel.keys, name
-    assert {"FUSED", "BLOCK"} <= set(kernels["fwd"].keys)
+    assert {"BLOCK", "HAS_BOXES"} <= set(kernels["fwd"].keys)
 
 
 def test_vector_width_of_row_copies():
