@@ -80,6 +80,25 @@ def _fixed_reason(backend: str, device: torch.device) -> Optional[str]:
         return reason
 
 
+_AUTO: dict = {}
+
+
+@torch.compiler.assume_constant_result
+def _auto_backend(device: torch.device) -> str:
+    """The compiled backend of the device, else triton on CUDA, else torch: decided once per device
+    (none of it reads the environment)."""
+    try:
+        return _AUTO[device]
+    except KeyError:
+        compiled = "cuda" if device.type == "cuda" else "cpu"
+        if _unavailable_reason(compiled, device) is None:
+            choice = compiled
+        else:
+            choice = "triton" if device.type == "cuda" and _triton_usable(device) is None else "torch"
+        _AUTO[device] = choice
+        return choice
+
+
 def available_backends(device) -> list:
     """The backends that can run tensors on ``device``, in order of preference."""
     device = torch.device(device)
@@ -97,11 +116,8 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
     source = "backend"
     if backend is None:
         backend, source = _backend_from_environment() or "auto", ENV_VAR
-    if backend == "auto":  # the compiled backend of the device, else triton on CUDA, else torch
-        compiled = "cuda" if device.type == "cuda" else "cpu"
-        if _fixed_reason(compiled, device) is None:
-            return compiled
-        return "triton" if device.type == "cuda" and _triton_usable(device) is None else "torch"
+    if backend == "auto":
+        return _auto_backend(device)
     if backend not in BACKENDS:
         raise ValueError(f"{source}={backend!r}: expected one of {BACKENDS + ('auto',)}")
     reason = _unavailable_reason(backend, device)
