@@ -11,10 +11,17 @@ A-CLIP's settings (2x2 units, keep 0.5, a random box per view), 1 and 2 threads.
 Methods: ``attentive_mask`` (the public op, backend "cpu"), ``index_select floor``, and
 ``attentive_mask D=8`` (the same call on an x of width 8: the box alignment, pooling and selection
 with almost no copy). The table gives medians and the ratio of the op to the floor side by side.
+
+Outputs of tens of MB are above glibc's mmap threshold: each call would map fresh pages and take a page
+fault per 4 KB of output, which at 64x2 images costs more than the copy and swings between runs. So,
+as in a training loop whose allocator reuses memory, the script asks glibc (``mallopt``) to serve
+them from a heap it keeps (``--page-faults``: leave the allocator alone).
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import json
 import os
 import random
@@ -26,7 +33,7 @@ import torch
 
 import aclip_kernels as ak
 from aclip_kernels.baselines import flat_row_indices, index_select_floor
-from aclip_kernels.benchmarking import environment
+from aclip_kernels.benchmarking import environment, positive_ints
 from aclip_kernels.testing import random_boxes
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -101,33 +108,76 @@ def markdown(results) -> str:
     return "\n".join(lines)
 
 
+def _positive_ints(text: str) -> list:
+    try:
+        return positive_ints(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _dtype_names(text: str) -> list:
+    names = text.split(",")
+    if not all(n in DTYPES for n in names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated names of {sorted(DTYPES)}, got {text!r}")
+    return names
+
+
+def _integer(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+    return parse
+
+
+def keep_heap() -> bool:
+    """glibc only: no mmap for large blocks, no trimming of freed memory (M_MMAP_THRESHOLD = -3,
+    M_TRIM_THRESHOLD = -1), so that a freed output's pages serve the next call. False elsewhere."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        return bool(libc.mallopt(-3, 1 << 30)) and bool(libc.mallopt(-1, 1 << 30))
+    except (OSError, AttributeError, TypeError):
+        return False
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", default="32,64", help="images per batch (2 views each), comma-separated")
-    parser.add_argument("--dtypes", default="fp32,bf16")
-    parser.add_argument("--threads", default="1,2")
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--evict-mib", type=int, default=0, help="eviction buffer (default: 2x the LLC)")
+    parser.add_argument("--images", type=_positive_ints, default="32,64",
+                        help="images per batch (2 views each), comma-separated")
+    parser.add_argument("--dtypes", type=_dtype_names, default="fp32,bf16")
+    parser.add_argument("--threads", type=_positive_ints, default="1,2")
+    parser.add_argument("--rounds", type=_integer(1), default=30)
+    parser.add_argument("--evict-mib", type=_integer(0), default=0, help="eviction buffer (default: 2x the LLC)")
+    parser.add_argument("--page-faults", action="store_true",
+                        help="leave glibc's allocator alone (fresh pages, a fault per 4 KB, for large outputs)")
     parser.add_argument("--out", type=Path, help="write OUT.json (results, environment) and OUT.md")
     args = parser.parse_args(argv)
+    heap_kept = False if args.page_faults else keep_heap()
     evict_bytes = (args.evict_mib << 20) or 2 * llc_bytes()
     evict = torch.empty(evict_bytes // 4, dtype=torch.float32)
     load_before = os.getloadavg()[0]
     results = []
-    for images in map(int, args.images.split(",")):
-        for dtype in args.dtypes.split(","):
-            for threads in map(int, args.threads.split(",")):
+    for images in args.images:
+        for dtype in args.dtypes:
+            for threads in args.threads:
                 results.append(measure(images, dtype, threads, args.rounds, evict))
                 print(markdown(results[-1:]).split("\n")[2], flush=True)
     load = (load_before, os.getloadavg()[0])
     text = (f"Cold caches ({evict_bytes >> 20} MiB written before every call), {args.rounds} rounds in shuffled "
-            f"order, medians; 1-minute load average {load[0]:.1f} before, {load[1]:.1f} after "
+            f"order, medians; {'large outputs from a kept heap (mallopt)' if heap_kept else 'default allocator'}; "
+            f"1-minute load average {load[0]:.1f} before, {load[1]:.1f} after "
             f"({os.cpu_count()} CPUs).\n\n" + markdown(results))
     print("\n" + text)
     if args.out:
         env = environment("cpu")
         env.pop("threads")
-        record = {"environment": env, "evict_bytes": evict_bytes, "load_average": load, "results": results}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        record = {"environment": env, "evict_bytes": evict_bytes, "heap_kept": heap_kept, "load_average": load, "results": results}
         args.out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
         args.out.with_suffix(".md").write_text(f"# attentive_mask (CPU) against the index_select floor\n\n"
                                                f"{env['date']}, torch {env['torch']}, git {env['git_commit']}. "

@@ -102,12 +102,9 @@ def _devices(config) -> list:
 
 def _positive_ints(option: str, text: str) -> list:
     try:
-        values = [int(v) for v in text.split(",")]
+        return harness.positive_ints(text)
     except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise pytest.UsageError(f"{option}={text}: expected comma-separated positive integers")
-    return values
+        raise pytest.UsageError(f"{option}={text}: expected comma-separated positive integers") from None
 
 
 def pytest_configure(config):
