@@ -19,7 +19,7 @@ from typing import Callable, Dict, Iterable, Optional, Sequence
 
 import torch
 
-__all__ = ["DTYPES", "RESULTS", "PEAK_HBM_TBPS", "positive_ints", "time_interleaved", "environment", "machine", "cpu_info", "source_commit", "synchronize",
+__all__ = ["DTYPES", "RESULTS", "PEAK_HBM_TBPS", "positive_int", "positive_ints", "time_interleaved", "environment", "machine", "cpu_info", "source_commit", "synchronize",
            "cpu_peak_bytes", "peak_bytes", "targets_line", "CudaEventClock", "cache_flusher", "copy_gbps",
            "peak_hbm_tbps", "bandwidth", "markdown_table", "pyplot", "save_figure", "write_json"]
 
@@ -32,6 +32,14 @@ PEAK_HBM_TBPS = {"H200": 4.8, "H100 SXM": 3.35, "H100 80GB HBM3": 3.35, "H100 PC
                  "MI300X": 5.3, "L40S": 0.864, "RTX 4090": 1.008}
 L2_FLUSH_BYTES = 256 * 2 ** 20     # do_bench's buffer: above any GPU's L2 (H200: 50 MB, MI300X: 256 MB LLC)
 CPU_FLUSH_BYTES = int(os.environ.get("ACLIP_BENCH_CPU_FLUSH_MB", "64")) * 2 ** 20
+
+
+def positive_int(text: str) -> int:
+    """A benchmark option's positive integer; ValueError otherwise (argparse names the option)."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def positive_ints(text: str) -> list:

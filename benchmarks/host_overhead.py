@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 import aclip_kernels as ak  # noqa: E402
 from aclip_kernels.backends import resolve_backend  # noqa: E402
-from aclip_kernels.benchmarking import environment  # noqa: E402
+from aclip_kernels.benchmarking import environment, positive_int  # noqa: E402
 from aclip_kernels.ops._checks import check_mask_args  # noqa: E402
 from aclip_kernels.ops.attentive_mask import op_arguments  # noqa: E402
 
@@ -144,7 +144,7 @@ def markdown(rows: list, env: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=100)
+    parser.add_argument("--rounds", type=positive_int, default=100)
     parser.add_argument("--out", type=Path, default=None, help="write host_overhead.{json,md} here")
     parser.add_argument("--wall", action="store_true", help="time wall-clock instead of the thread's CPU time")
     parser.add_argument("--backends", nargs="+", choices=("cpu", "triton"), default=None, help="default: both")

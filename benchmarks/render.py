@@ -195,7 +195,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if len(args.json) > 2:
         parser.error(f"json: one file, or two to compare; got {len(args.json)}")
-    runs = [load(p) for p in args.json]
+    runs = []
+    for path in args.json:
+        try:
+            runs.append(load(path))
+        except OSError as error:
+            parser.error(f"json: cannot read {path}: {error.strerror or error}")
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            parser.error(f"json: {path} is not a pytest-benchmark JSON of benchmarks/ops "
+                         f"({type(error).__name__}: {error})")
     if args.labels and len(runs) == 2:
         runs[0]["label"], runs[1]["label"] = args.labels
     if len(runs) == 1:

@@ -287,6 +287,11 @@ def main(argv=None) -> int:
     if cc.INTERPRET:
         print("TRITON_INTERPRET=1 is set; unset it to compile", file=sys.stderr)
         return 2
+    if args.only:
+        known = {f"{name}/{variant}" for name, _, variant, _, _ in variant_list()}
+        unknown = sorted(set(args.only) - known)
+        if unknown:
+            parser.error(f"--only: no variant named {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     return write(args.out, args.only)
 
 
