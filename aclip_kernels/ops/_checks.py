@@ -276,6 +276,8 @@ def mask_call(plan: MaskPlan, x: Tensor, scores: Optional[Tensor], q: Optional[T
             boxes = boxes.to(torch.float32).contiguous()
     if scores is not None and scores.dim() == 3:
         scores = scores.reshape(scores.shape[0], scores.shape[1] * scores.shape[2])
+    if torch.compiler.is_compiling():  # torch 2.11's Dynamo cannot trace tuple + NamedTuple
+        return MaskCall(x, scores, q, k, prior, boxes, *plan)
     return tuple.__new__(MaskCall, (x, scores, q, k, prior, boxes) + plan)  # MaskCall(...) is 0.3 µs slower
 
 
