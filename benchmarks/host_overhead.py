@@ -28,7 +28,6 @@ import aclip_kernels as ak  # noqa: E402
 from aclip_kernels.backends import resolve_backend  # noqa: E402
 from aclip_kernels.benchmarking import environment, positive_int  # noqa: E402
 from aclip_kernels.ops._checks import check_mask_args  # noqa: E402
-from aclip_kernels.ops.attentive_mask import op_arguments  # noqa: E402
 
 CASES = {  # name: (Bs, views, grid, D, block, boxes, fused)
     "scores": (2, 1, (14, 14), 8, 1, False, False),
@@ -87,7 +86,7 @@ def methods(backend: str, case: str, grad: bool):
     x = kw.pop("x").requires_grad_(grad)
     args = check_mask_args(x, kw.get("scores"), kw["keep"], kw.get("q"), kw.get("k"), None,
                            kw["num_prefix_tokens"], kw["grid"], kw["block"], kw.get("boxes"), None)
-    op, raw_args = raw_op("attentive_mask", backend), op_arguments(args)
+    op, raw_args = raw_op("attentive_mask", backend), tuple(args)
     if case == "random_mask":  # the raw call draws its scores too
         g, grid = torch.Generator().manual_seed(0), kw["grid"]
 

@@ -15,6 +15,7 @@ from ..backends import TRITON_MISSING, resolve_backend
 from ..reference import attentive_mask_ref
 from ._check_cache import cached_mask_meta
 from ._checks import MaskCall, check_backward_args, check_boxes_finite, check_mask_op, mask_call
+from .._op_call import call_op
 from ._define import define, register_triton_op
 
 if TRITON_MISSING is None:
@@ -63,9 +64,9 @@ def attentive_mask(x: Tensor, scores: Optional[Tensor] = None, keep=0.5, *,
         kept_idx = mask_torch(args)
     elif impl == "triton":
         check_triton_device(args.x)
-        kept_idx = call_checked(torch.ops.aclip_kernels.attentive_mask_triton, *op_arguments(args))
+        kept_idx = call_checked(torch.ops.aclip_kernels.attentive_mask_triton, *args)
     else:
-        kept_idx = COMPILED_OP(*args)  # = op_arguments(args)
+        kept_idx = call_op(COMPILED_OP, *args)  # a MaskCall holds the schema's arguments, in order
     return kept_idx if return_indices else kept_idx[0]
 
 
@@ -74,11 +75,6 @@ def mask_torch(args: MaskCall):
     return attentive_mask_ref(args.x, scores, args.num_units, q=args.q, k=args.k, prior=args.prior,
                               num_prefix_tokens=args.num_prefix_tokens, grid=args.grid,
                               block=args.block, boxes=args.boxes, scale=args.scale)
-
-
-def op_arguments(args: MaskCall) -> tuple:
-    """The positional arguments of the ``attentive_mask`` op schema."""
-    return args  # a MaskCall's fields are the schema's arguments, in order (the int[] ones as tuples)
 
 
 def attentive_mask_fake(x, scores, q, k, prior, boxes, num_prefix_tokens, score_grid, grid, block,

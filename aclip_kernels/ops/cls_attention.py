@@ -16,6 +16,7 @@ from ..backends import TRITON_MISSING, resolve_backend
 from ..reference import cls_attention_backward_ref, cls_attention_ref
 from ._check_cache import cached_cls_attention_args
 from ._checks import check_cls_attention_op
+from .._op_call import call_op
 from ._define import define, register_triton_op
 
 if TRITON_MISSING is None:
@@ -58,7 +59,7 @@ def cls_attention(q: Tensor, k: Tensor, *, num_prefix_tokens: int = 1, scale: Op
         check_triton_device(q)
         result = call_checked(torch.ops.aclip_kernels.cls_attention_triton, q, k, num_prefix_tokens, scale, base)
     else:
-        result = torch.ops.aclip_kernels.cls_attention(q, k, num_prefix_tokens, scale, base)
+        result = call_op(torch.ops.aclip_kernels.cls_attention, q, k, num_prefix_tokens, scale, base)
     return result if out is None else out.copy_(result)
 
 

@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._op_call import call_op
+
 # triton.jit reads TRITON_INTERPRET when a kernel is defined, so this is fixed at import as well.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -116,7 +118,7 @@ def call_checked(op, *args):
         return op(*args)
     _CHECKED.active = True
     try:
-        return op(*args)
+        return call_op(op, *args)
     finally:
         _CHECKED.active = False
 

@@ -1,8 +1,8 @@
 // attentive_mask on the CPU: per output row (view), align the image's scores to the view's box,
 // pool b x b blocks, select the top units by their rank keys (nth_element), expand them to
-// ascending patch positions and copy the prefix and kept rows. The selection of the next row runs
-// while the first source rows of this one, prefetched, arrive from memory. The backward writes
-// each row of grad_x once.
+// ascending patch positions and copy the prefix and kept rows, a run of adjacent rows per memcpy.
+// The selection of the next row runs while the first source rows of this one, prefetched, arrive
+// from memory. The backward writes each row of grad_x once.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -115,14 +115,17 @@ void for_each_kept(const char* unit_kept, const Geometry& g, F&& f) {
   int64_t j = 0;
   for (int64_t gr = 0; gr < g.Hg; ++gr) {
     const char* unit_row = unit_kept + (gr / g.block) * g.Wu;
-    for (int64_t gc = 0; gc < g.Wg; ++gc)
-      if (unit_row[gc / g.block] && !f(j++, gr * g.Wg + gc)) return;
+    for (int64_t uc = 0, t = gr * g.Wg; uc < g.Wu; ++uc, t += g.block)
+      if (unit_row[uc])
+        for (int64_t i = 0; i < g.block; ++i)
+          if (!f(j++, t + i)) return;
   }
 }
 
 // Bytes of a row's first kept source rows prefetched (into L2) before the next row's selection.
 constexpr int64_t kPrefetchBytes = 48 * 1024;
 constexpr int64_t kCacheLine = 64;
+constexpr int64_t kMaxCopyBytes = 4096;
 
 std::tuple<at::Tensor, at::Tensor> attentive_mask(
     const at::Tensor& x, const std::optional<at::Tensor>& scores, const std::optional<at::Tensor>& q,
@@ -147,6 +150,8 @@ std::tuple<at::Tensor, at::Tensor> attentive_mask(
   int64_t* idx_p = idx.mutable_data_ptr<int64_t>();
   const int64_t es = x.element_size(), xs0 = x.stride(0), xs1 = x.stride(1), xs2 = x.stride(2);
   const int64_t row_bytes = D * es;
+  const bool packed = xs2 == 1 && xs1 == D;  // a view's tokens are one block of memory
+  const int64_t rows_per_copy = std::max<int64_t>(1, kMaxCopyBytes / std::max<int64_t>(row_bytes, 1));
 
   const int64_t prefetch_rows = xs2 == 1 ? kPrefetchBytes / std::max<int64_t>(row_bytes, 1) : 0;
   at::parallel_for(0, Bx, 1, [&](int64_t begin, int64_t end) {
@@ -168,12 +173,35 @@ std::tuple<at::Tensor, at::Tensor> attentive_mask(
       if (r + 1 < end) select(r + 1, kept_next.data());
       char* dst = kept_p + r * (P + kept_patches) * row_bytes;
       int64_t* row_idx = idx_p + r * kept_patches;
-      for (int64_t t = 0; t < P; ++t) copy_row(dst + t * row_bytes, src + t * xs1 * es, D, xs2, es);
-      for_each_kept(kept_now.data(), g, [&](int64_t j, int64_t t) {
-        row_idx[j] = t;
-        copy_row(dst + (P + j) * row_bytes, src + (P + t) * xs1 * es, D, xs2, es);
-        return true;
-      });
+      if (packed) {
+        // Adjacent source rows (the prefix, then runs of kept patches) go out in one memcpy of up
+        // to kMaxCopyBytes: fewer calls for narrow rows, while larger copies stay on glibc's
+        // vector loop (its rep-movsb path above 4-8 KB was 3-7% slower here, AMD EPYC).
+        int64_t run_dst = 0, run_src = 0, run_len = P;
+        auto flush = [&] {
+          for (int64_t done = 0; done < run_len; done += rows_per_copy)
+            std::memcpy(dst + (run_dst + done) * row_bytes, src + (run_src + done) * row_bytes,
+                        std::min(rows_per_copy, run_len - done) * row_bytes);
+        };
+        for_each_kept(kept_now.data(), g, [&](int64_t j, int64_t t) {
+          row_idx[j] = t;
+          if (run_src + run_len == P + t) {
+            ++run_len;
+          } else {
+            flush();
+            run_dst = P + j, run_src = P + t, run_len = 1;
+          }
+          return true;
+        });
+        flush();
+      } else {
+        for (int64_t t = 0; t < P; ++t) copy_row(dst + t * row_bytes, src + t * xs1 * es, D, xs2, es);
+        for_each_kept(kept_now.data(), g, [&](int64_t j, int64_t t) {
+          row_idx[j] = t;
+          copy_row(dst + (P + j) * row_bytes, src + (P + t) * xs1 * es, D, xs2, es);
+          return true;
+        });
+      }
       std::swap(kept_now, kept_next);
     }
   });

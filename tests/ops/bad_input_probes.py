@@ -45,11 +45,14 @@ def _qk(bs=2, h=2, t=17, dh=4, dtype=torch.float32):
     return (torch.randn(bs, h, dh, generator=g).to(dtype), torch.randn(bs, h, t, dh, generator=g).to(dtype))
 
 
-def _boxes(bx=4, value=None):
+def _boxes(bx=4, value=None, dtype=torch.float32, strided=False):
+    """[bx, 4] boxes, ``value`` at [1, 2]; ``strided``: every other column of a [4, bx * 2] tensor, transposed."""
     b = torch.tensor([[0.1, 0.2, 0.5, 0.6]]).repeat(bx, 1)
     if value is not None:
         b[1, 2] = value
-    return b
+    if strided:
+        b = torch.zeros(4, bx * 2).index_copy_(1, torch.arange(0, bx * 2, 2), b.t()).t()[::2]
+    return b.to(dtype)
 
 
 def _mask(**kw):
@@ -123,6 +126,7 @@ PUBLIC: List[Probe] = [
     Probe("numpy-grid-block-prefix", _accepted(x=X, scores=S, grid=(np.int64(4), np.int32(4)), block=np.int64(2),
                                                num_prefix_tokens=np.int64(1), keep=np.float64(0.5)), None),
     Probe("numpy-boxes-qk-scale", _accepted(x=X, q=Q, k=K, boxes=_boxes(), scale=np.float32(0.25)), None),
+    Probe("boxes-strided-float64", _accepted(x=X, scores=S, boxes=_boxes(dtype=torch.float64, strided=True)), None),
     Probe("empty-batch", _empty(x=X[:0], scores=S, keep=3), None),
     Probe("zero-width", _empty(x=X[..., :0], scores=S, keep=3, boxes=_boxes()), None),
     Probe("all-nan-scores-keep-all", _empty(x=X, scores=torch.full((2, 16), math.nan), keep=16, block=1), None),
@@ -192,6 +196,9 @@ DIRECT: List[Probe] = [
     Probe("prefix-negative", _op(p=-1, x=_x(p=0, n=15)), _V, ("-1",)),
     Probe("nan-boxes", _op(boxes=_boxes(value=math.nan)), _V, ("boxes", "finite")),
     Probe("inf-boxes", _op(boxes=_boxes(value=-math.inf)), _V, ("boxes", "finite")),
+    Probe("inf-boxes-strided", _op(boxes=_boxes(value=math.inf, strided=True)), _V, ("boxes", "finite")),
+    Probe("nan-boxes-half", _op(boxes=_boxes(value=math.nan, dtype=torch.half)), _V, ("boxes", "finite")),
+    Probe("inf-boxes-bfloat16", _op(boxes=_boxes(value=math.inf, dtype=torch.bfloat16)), _V, ("boxes", "finite")),
     Probe("boxes-shape", _op(boxes=_boxes()[:, :3]), _V, ("boxes",)),
     Probe("boxes-rows", _op(boxes=_boxes(bx=2)), _V, ("boxes",)),
     Probe("batch-not-multiple", _op(scores=_s(bs=3)), _V, ("rows",)),
@@ -208,6 +215,7 @@ DIRECT: List[Probe] = [
     Probe("backward-index-equal-n", _bwd([[0, 16], [3, 15]]), _V, ("idx",)),
     Probe("backward-index-descending", _bwd([[5, 2], [3, 15]]), _V, ("idx",)),
     Probe("backward-index-repeated", _bwd([[2, 2], [3, 15]]), _V, ("idx",)),
+    Probe("backward-index-descending-strided", _bwd(torch.tensor([[5, 3], [2, 15]]).t()), _V, ("idx",)),
     Probe("backward-index-int32", _bwd(torch.tensor([[0, 2], [3, 15]], dtype=torch.int32)), _E, ("idx",)),
     Probe("backward-grad-rows", _bwd([[0, 2], [3, 15]], m=3), _V, ("grad_kept",)),
     Probe("backward-fewer-patches", _bwd([[0, 1], [0, 1]], n=1), _V, ("num_patches",)),

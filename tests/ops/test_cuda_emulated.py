@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from aclip_kernels.ops._checks import check_mask_args
-from aclip_kernels.ops.attentive_mask import op_arguments
 from aclip_kernels.reference import cls_attention_ref, scatter_tokens_ref
 from aclip_kernels.testing import (CLS_ATTENTION_TOL, assert_cls_attention_close, assert_mask_matches_reference,
                                    cls_attention_inputs, make_mask_inputs, mask_cases)
@@ -100,7 +99,7 @@ def emulated_mask(ops, x, scores=None, keep=0.5, *, q=None, k=None, prior=None, 
                   block=1, boxes=None, scale=None):
     """ak.attentive_mask's call of the compiled op, made to the emulated one."""
     args = check_mask_args(x, scores, keep, q, k, prior, num_prefix_tokens, grid, block, boxes, scale)
-    return ops.attentive_mask(*op_arguments(args))
+    return ops.attentive_mask(*args)
 
 
 def check_backward(ops, inputs, grad_layout="contiguous"):

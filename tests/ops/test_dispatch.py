@@ -83,3 +83,31 @@ def test_missing_or_mismatched_library_warns_once_and_falls_back():
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+@needs_compiled
+@pytest.mark.parametrize("grad_mode", [True, False])
+@pytest.mark.parametrize("needs_grad", ["none", "x", "scores"])
+def test_the_autograd_kernel_is_skipped_only_when_no_gradient_is_needed(monkeypatch, grad_mode, needs_grad):
+    """The public ops call below the Autograd key (``aclip_kernels._op_call.call_op``) exactly when the op's
+    registered (Python) autograd kernel would only redispatch: the result's autograd state is the
+    direct op call's, and that kernel, which looks ``torch._C.is_grad_enabled`` up on entry, is not
+    entered."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 1 + 64, 8, generator=g, requires_grad=needs_grad == "x")
+    scores = torch.randn(2, 64, generator=g, requires_grad=needs_grad == "scores")
+    q, k = torch.randn(2, 3, 8, generator=g, requires_grad=needs_grad == "x"), torch.randn(2, 3, 65, 8, generator=g)
+    entered = []
+    original = torch._C.is_grad_enabled
+    monkeypatch.setattr(torch._C, "is_grad_enabled", lambda: entered.append(1) or original())
+    with torch.set_grad_enabled(grad_mode):
+        kept, idx = ak.attentive_mask(x, scores, 0.5, block=2, backend="cpu")
+        attention = ak.cls_attention(q, k, backend="cpu")
+        public = len(entered)
+        direct = torch.ops.aclip_kernels.attentive_mask(x, scores, None, None, None, None, 1, [8, 8], [8, 8], 2, 8, 1.0)
+        direct_attention = torch.ops.aclip_kernels.cls_attention(q, k, 1, 8 ** -0.5, None)
+    assert len(entered) == public + 2  # the direct calls entered the autograd kernel, once each
+    assert torch.equal(kept, direct[0]) and torch.equal(idx, direct[1]) and torch.equal(attention, direct_attention)
+    assert (kept.grad_fn is None) == (direct[0].grad_fn is None) == (not grad_mode or needs_grad == "none")
+    assert (attention.grad_fn is None) == (direct_attention.grad_fn is None) == (not grad_mode or needs_grad != "x")
+    assert public == (0 if not grad_mode or needs_grad == "none" else 1 + (needs_grad == "x"))

@@ -19,7 +19,6 @@ from hypothesis import strategies as st
 
 import aclip_kernels as ak
 from aclip_kernels.ops._checks import check_mask_args
-from aclip_kernels.ops.attentive_mask import op_arguments
 from aclip_kernels.reference import scatter_tokens_ref
 from aclip_kernels.testing import assert_cls_attention_close, assert_mask_matches_reference
 
@@ -105,7 +104,7 @@ def _schema(native):
         args = check_mask_args(inputs["x"], inputs.get("scores"), inputs["keep"], inputs.get("q"), inputs.get("k"),
                                inputs.get("prior"), inputs["num_prefix_tokens"], inputs["grid"], inputs["block"],
                                inputs.get("boxes"), None)
-        kept, idx = native.ops.attentive_mask(*op_arguments(args))
+        kept, idx = native.ops.attentive_mask(*args)
         return kept, idx, native.ops.attentive_mask_backward
     return run
 

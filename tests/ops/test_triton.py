@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 import aclip_kernels as ak
 from aclip_kernels.triton import _common
 from aclip_kernels.ops._checks import check_mask_args
-from aclip_kernels.ops.attentive_mask import op_arguments
 from aclip_kernels.reference import cls_attention_ref, scatter_tokens_ref
 from aclip_kernels.reference import attentive_mask_ref
 from aclip_kernels.testing import (MaskCase, assert_cls_attention_close, assert_mask_matches_reference,
@@ -163,7 +162,7 @@ def test_opcheck():
     inputs = make_mask_inputs(case, device=DEVICE)
     inputs["x"].requires_grad_()
     torch.library.opcheck(torch.ops.aclip_kernels.attentive_mask_triton.default,
-                          op_arguments(_mask_args(inputs)), test_utils=utils)
+                          tuple(_mask_args(inputs)), test_utils=utils)
     q, k = cls_attention_inputs(2, 2, 9, 8, torch.float32, device=DEVICE)
     torch.library.opcheck(torch.ops.aclip_kernels.cls_attention_triton.default,
                           (q.requires_grad_(), k.requires_grad_(), 1, 0.3, None), test_utils=utils)
@@ -176,7 +175,7 @@ def test_opcheck():
                          ids=lambda c: c.id)
 def test_torch_compile_fullgraph(case):
     inputs = make_mask_inputs(case, device="cuda")
-    args = list(op_arguments(_mask_args(inputs)))
+    args = list(tuple(_mask_args(inputs)))
     x = args[0].detach().requires_grad_()
 
     def masked(x, *rest):
@@ -300,7 +299,7 @@ def test_direct_op_calls_are_checked_after_the_public_path():
     failed inside the op, still get the op's clear errors."""
     case = MaskCase("checked", grid=(4, 4), width=8, boxes=True)
     inputs = make_mask_inputs(case, device=DEVICE)
-    args = list(op_arguments(_mask_args(inputs)))
+    args = list(tuple(_mask_args(inputs)))
     ak.attentive_mask(**inputs, backend="triton")
     with pytest.raises(ValueError, match="num_units=99"):
         torch.ops.aclip_kernels.attentive_mask_triton(*args[:10], 99, args[11])
