@@ -32,8 +32,10 @@ demo: install
 	$(PY) -m aclip_kernels.train --method aclip --data embedded --output-dir runs/demo --save-masks
 
 PYTEST_ARGS ?=
+# The suite over up to 4 processes (pytest-xdist; 6.5 instead of 10.5 minutes on 2 cores)
+PYTEST_XDIST ?= -n auto --maxprocesses 4
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(PYTEST_XDIST) $(PYTEST_ARGS)
 
 # pyflakes-level errors (unused or undefined names, syntax) in everything that is Python
 lint: $(VENV)/.deps

@@ -3,6 +3,7 @@ tests (CPU, Triton, CUDA), and the comparison that all of them apply."""
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Tuple
 
@@ -14,7 +15,7 @@ from .reference import (_score_grid, attentive_mask_ref, cls_attention_ref, gath
 
 __all__ = ["MaskCase", "mask_cases", "make_mask_inputs", "assert_mask_matches_reference", "score_tolerance",
            "CLS_ATTENTION_TOL", "random_boxes", "crop_views", "cls_attention_inputs", "assert_cls_attention_close",
-           "requires_cuda"]
+           "requires_cuda", "child_environment"]
 
 # Tolerances of cls_attention against the fp32 reference, per input dtype (the kernels accumulate
 # in fp32; the inputs are what they are, so fp16/bf16 only change how q and k were rounded).
@@ -231,3 +232,11 @@ def requires_cuda(test):
     """Skip ``test`` (with the reason "no CUDA device") where no GPU is visible."""
     import pytest
     return pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")(test)
+
+
+def child_environment(drop=()) -> Dict[str, str]:
+    """The environment for a pytest run in a child process: this one's without the names in ``drop``
+    and without pytest-xdist's worker variables (with them, the child would take itself for a worker,
+    and pytest-benchmark would disable its benchmarks)."""
+    return {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("PYTEST_XDIST")}
+

@@ -27,6 +27,7 @@ if not torch.cuda.is_available():
 
 from aclip_kernels.backends import BACKENDS, resolve_backend  # noqa: E402  (imports the Triton kernels)
 from aclip_kernels.ops._define import define_schemas  # noqa: E402
+from aclip_kernels.testing import child_environment  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -83,9 +84,11 @@ def _sources(name: str) -> List[str]:
         prelude = '#include "cuda_emulation.h"\n' if source.endswith(".cu") else ""
         text = f'{prelude}#line 1 "{path}"\n{text}'
         out = ROOT / "build" / name / "src" / Path(source).with_suffix(".cpp")
-        if not out.exists() or out.read_text() != text:
+        if not out.exists() or out.read_text() != text:  # atomically: test processes may build at once
             out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(text)
+            partial = out.with_name(f"{out.name}.{os.getpid()}")
+            partial.write_text(text)
+            os.replace(partial, out)
         sources.append(str(out))
     return sources
 
@@ -157,7 +160,7 @@ def run_under_asan():
                 for lib in ("libasan.so", "libstdc++.so")]
     if not all(os.path.isabs(path) for path in runtimes):
         pytest.skip(f"{CXX} has no AddressSanitizer runtime")
-    env = dict(os.environ, LD_PRELOAD=" ".join(runtimes), ASAN_OPTIONS="detect_leaks=0", ACLIP_ASAN="1")
+    env = dict(child_environment(), LD_PRELOAD=" ".join(runtimes), ASAN_OPTIONS="detect_leaks=0", ACLIP_ASAN="1")
 
     def run(*test_files) -> None:
         child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",

@@ -2,7 +2,6 @@
 renderer reads one run or two, and the GPU clock and target verdicts compute what they say (tiny
 sizes, one round: this checks that the harness works, not how fast anything is)."""
 import json
-import os
 import runpy
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 from aclip_kernels import benchmarking
+from aclip_kernels.testing import child_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,7 +22,7 @@ def test_op_suite_groups_every_method_and_records_bandwidth(tmp_path):
     run = subprocess.run([sys.executable, "-m", "pytest", str(ROOT / "benchmarks" / "ops"), "--benchmark-only", "-q",
                           "-p", "no:cacheprovider", "--bench-devices=cpu", "--bench-rounds=1", "--bench-images=2",
                           f"--benchmark-json={out}"], capture_output=True, text=True, timeout=900, cwd=tmp_path,
-                         env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})   # no interpreted triton
+                         env=child_environment(drop=("TRITON_INTERPRET",)))   # no interpreted triton
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["machine_info"]["aclip_kernels"]["cpu"]["torch"] == torch.__version__
@@ -114,5 +114,6 @@ def test_render_reports_the_gpu_targets_met_or_missed():
                                             ("--bench-images=0,x", "positive integers")])
 def test_op_suite_rejects_bad_options_by_name(option, message):
     run = subprocess.run([sys.executable, "-m", "pytest", str(ROOT / "benchmarks" / "ops"), "--collect-only", "-q",
-                          "-p", "no:cacheprovider", option], capture_output=True, text=True, timeout=300)
+                          "-p", "no:cacheprovider", option], capture_output=True, text=True, timeout=300,
+                         env=child_environment())
     assert run.returncode != 0 and option in run.stderr and message in run.stderr, run.stdout + run.stderr

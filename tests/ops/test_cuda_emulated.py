@@ -169,12 +169,18 @@ def test_rows_of_2_gib_are_rejected_on_the_host(ops):
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("prefix", [0, 1, 5])
-@pytest.mark.parametrize("strided", [False, True])
-@pytest.mark.parametrize("shape", [(3, 4, 49, 16), (2, 3, 9, 1), (2, 2, 300, 80), (1, 4, 4096, 16)],
-                         ids=["small", "dh1", "dh80", "long"])
-@pytest.mark.parametrize("sms", [0, 132], ids=["unsplit", "split"])
+CLS_SHAPES = {"small": (3, 4, 49, 16), "dh1": (2, 3, 9, 1), "dh80": (2, 2, 300, 80), "long": (1, 4, 4096, 16)}
+# The whole grid unsplit; split, every shape and layout in fp32 and bf16 with one prefix token (the
+# split path differs only in its head range and the combine, which see no dtype or prefix of their own).
+CLS_CASES = [pytest.param(dtype, prefix, strided, shape, sms, id=f"{split}-{name}-{strided}-{prefix}-{str(dtype)[6:]}")
+             for split, sms in (("unsplit", 0), ("split", 132))
+             for name, shape in CLS_SHAPES.items()
+             for strided in (False, True)
+             for prefix in ((0, 1, 5) if not sms else (1,))
+             for dtype in (DTYPES if not sms else (torch.float32, torch.bfloat16))]
+
+
+@pytest.mark.parametrize("dtype,prefix,strided,shape,sms", CLS_CASES)
 def test_cls_attention_matches_reference(ops, device, dtype, prefix, strided, shape, sms):
     """On 132 SMs each shape splits into one group per head (G = H); unsplit, shape "long" needs
     64 KiB of shared memory (more than the default 48) and two chunks of heads."""
