@@ -67,36 +67,38 @@ def _backend_from_environment() -> Optional[str]:
 
 
 _FIXED = ("torch", "cpu", "cuda")  # available or not for good once the library is loaded (Triton reads the env)
-_FIXED_REASONS: dict = {}
 
 
-@torch.compiler.assume_constant_result  # torch.compile calls it once while tracing
+def _once_per_key(decide):
+    """``decide(*key)``, computed once per key and then read from a dict (its answer cannot change
+    once the library is loaded); torch.compile calls it once while tracing."""
+    answers: dict = {}
+
+    @torch.compiler.assume_constant_result
+    def decided(*key):
+        try:
+            return answers[key]
+        except KeyError:
+            answer = answers[key] = decide(*key)
+            return answer
+    decided.__doc__, decided.__name__ = decide.__doc__, decide.__name__
+    return decided
+
+
+@_once_per_key
 def _fixed_reason(backend: str, device: torch.device) -> Optional[str]:
-    """``_unavailable_reason`` of a backend of ``_FIXED``, decided once per (backend, device)."""
-    try:
-        return _FIXED_REASONS[backend, device]
-    except KeyError:
-        reason = _FIXED_REASONS[backend, device] = _unavailable_reason(backend, device)
-        return reason
+    """``_unavailable_reason`` of a backend of ``_FIXED``."""
+    return _unavailable_reason(backend, device)
 
 
-_AUTO: dict = {}
-
-
-@torch.compiler.assume_constant_result
+@_once_per_key
 def _auto_backend(device: torch.device) -> str:
-    """The compiled backend of the device, else triton on CUDA, else torch: decided once per device
-    (none of it reads the environment)."""
-    try:
-        return _AUTO[device]
-    except KeyError:
-        compiled = "cuda" if device.type == "cuda" else "cpu"
-        if _unavailable_reason(compiled, device) is None:
-            choice = compiled
-        else:
-            choice = "triton" if device.type == "cuda" and _triton_usable(device) is None else "torch"
-        _AUTO[device] = choice
-        return choice
+    """The compiled backend of the device, else triton on CUDA, else torch (none of it reads the
+    environment)."""
+    compiled = "cuda" if device.type == "cuda" else "cpu"
+    if _unavailable_reason(compiled, device) is None:
+        return compiled
+    return "triton" if device.type == "cuda" and _triton_usable(device) is None else "torch"
 
 
 def available_backends(device) -> list:

@@ -36,7 +36,10 @@ CPU_FLUSH_BYTES = int(os.environ.get("ACLIP_BENCH_CPU_FLUSH_MB", "64")) * 2 ** 2
 
 def positive_int(text: str) -> int:
     """A benchmark option's positive integer; ValueError otherwise (argparse names the option)."""
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
         raise ValueError(f"expected a positive integer, got {text!r}")
     return value

@@ -33,7 +33,7 @@ import torch
 
 import aclip_kernels as ak
 from aclip_kernels.baselines import flat_row_indices, index_select_floor
-from aclip_kernels.benchmarking import environment, positive_ints
+from aclip_kernels.benchmarking import environment, positive_int, positive_ints
 from aclip_kernels.testing import random_boxes
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -108,11 +108,14 @@ def markdown(results) -> str:
     return "\n".join(lines)
 
 
-def _positive_ints(text: str) -> list:
-    try:
-        return positive_ints(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+def _option(parse):
+    """``parse`` as an argparse type whose ValueError message reaches the usage error."""
+    def option(text: str):
+        try:
+            return parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return option
 
 
 def _dtype_names(text: str) -> list:
@@ -120,18 +123,6 @@ def _dtype_names(text: str) -> list:
     if not all(n in DTYPES for n in names):
         raise argparse.ArgumentTypeError(f"expected comma-separated names of {sorted(DTYPES)}, got {text!r}")
     return names
-
-
-def _integer(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = minimum - 1
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
-        return value
-    return parse
 
 
 def keep_heap() -> bool:
@@ -147,18 +138,18 @@ def keep_heap() -> bool:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=_positive_ints, default="32,64",
+    parser.add_argument("--images", type=_option(positive_ints), default="32,64",
                         help="images per batch (2 views each), comma-separated")
     parser.add_argument("--dtypes", type=_dtype_names, default="fp32,bf16")
-    parser.add_argument("--threads", type=_positive_ints, default="1,2")
-    parser.add_argument("--rounds", type=_integer(1), default=30)
-    parser.add_argument("--evict-mib", type=_integer(0), default=0, help="eviction buffer (default: 2x the LLC)")
+    parser.add_argument("--threads", type=_option(positive_ints), default="1,2")
+    parser.add_argument("--rounds", type=_option(positive_int), default=30)
+    parser.add_argument("--evict-mib", type=_option(positive_int), help="eviction buffer (default: 2x the LLC)")
     parser.add_argument("--page-faults", action="store_true",
                         help="leave glibc's allocator alone (fresh pages, a fault per 4 KB, for large outputs)")
     parser.add_argument("--out", type=Path, help="write OUT.json (results, environment) and OUT.md")
     args = parser.parse_args(argv)
     heap_kept = False if args.page_faults else keep_heap()
-    evict_bytes = (args.evict_mib << 20) or 2 * llc_bytes()
+    evict_bytes = args.evict_mib << 20 if args.evict_mib else 2 * llc_bytes()
     evict = torch.empty(evict_bytes // 4, dtype=torch.float32)
     load_before = os.getloadavg()[0]
     results = []
