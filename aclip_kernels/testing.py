@@ -239,4 +239,3 @@ def child_environment(drop=()) -> Dict[str, str]:
     and without pytest-xdist's worker variables (with them, the child would take itself for a worker,
     and pytest-benchmark would disable its benchmarks)."""
     return {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("PYTEST_XDIST")}
-

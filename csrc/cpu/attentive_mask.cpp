@@ -151,7 +151,7 @@ std::tuple<at::Tensor, at::Tensor> attentive_mask(
   const int64_t es = x.element_size(), xs0 = x.stride(0), xs1 = x.stride(1), xs2 = x.stride(2);
   const int64_t row_bytes = D * es;
   const bool packed = xs2 == 1 && xs1 == D;  // a view's tokens are one block of memory
-  const int64_t rows_per_copy = std::max<int64_t>(1, kMaxCopyBytes / std::max<int64_t>(row_bytes, 1));
+  const int64_t rows_per_copy = packed ? std::max<int64_t>(1, kMaxCopyBytes / std::max<int64_t>(row_bytes, 1)) : 1;
 
   const int64_t prefetch_rows = xs2 == 1 ? kPrefetchBytes / std::max<int64_t>(row_bytes, 1) : 0;
   at::parallel_for(0, Bx, 1, [&](int64_t begin, int64_t end) {
@@ -173,35 +173,26 @@ std::tuple<at::Tensor, at::Tensor> attentive_mask(
       if (r + 1 < end) select(r + 1, kept_next.data());
       char* dst = kept_p + r * (P + kept_patches) * row_bytes;
       int64_t* row_idx = idx_p + r * kept_patches;
-      if (packed) {
-        // Adjacent source rows (the prefix, then runs of kept patches) go out in one memcpy of up
-        // to kMaxCopyBytes: fewer calls for narrow rows, while larger copies stay on glibc's
-        // vector loop (its rep-movsb path above 4-8 KB was 3-7% slower here, AMD EPYC).
-        int64_t run_dst = 0, run_src = 0, run_len = P;
-        auto flush = [&] {
-          for (int64_t done = 0; done < run_len; done += rows_per_copy)
-            std::memcpy(dst + (run_dst + done) * row_bytes, src + (run_src + done) * row_bytes,
-                        std::min(rows_per_copy, run_len - done) * row_bytes);
-        };
-        for_each_kept(kept_now.data(), g, [&](int64_t j, int64_t t) {
-          row_idx[j] = t;
-          if (run_src + run_len == P + t) {
-            ++run_len;
-          } else {
-            flush();
-            run_dst = P + j, run_src = P + t, run_len = 1;
-          }
-          return true;
-        });
-        flush();
-      } else {
-        for (int64_t t = 0; t < P; ++t) copy_row(dst + t * row_bytes, src + t * xs1 * es, D, xs2, es);
-        for_each_kept(kept_now.data(), g, [&](int64_t j, int64_t t) {
-          row_idx[j] = t;
-          copy_row(dst + (P + j) * row_bytes, src + (P + t) * xs1 * es, D, xs2, es);
-          return true;
-        });
-      }
+      // Adjacent source rows (the prefix, then runs of kept patches) of a packed x go out in one
+      // memcpy of up to kMaxCopyBytes: fewer calls for narrow rows, while larger copies stay on
+      // glibc's vector loop (its rep-movsb path above 4-8 KB was 3-7% slower here, AMD EPYC).
+      int64_t run_dst = 0, run_src = 0, run_len = P;
+      auto flush = [&] {
+        for (int64_t done = 0; done < run_len; done += rows_per_copy)
+          copy_row(dst + (run_dst + done) * row_bytes, src + (run_src + done) * xs1 * es,
+                   std::min(rows_per_copy, run_len - done) * D, xs2, es);
+      };
+      for_each_kept(kept_now.data(), g, [&](int64_t j, int64_t t) {
+        row_idx[j] = t;
+        if (run_src + run_len == P + t) {
+          ++run_len;
+        } else {
+          flush();
+          run_dst = P + j, run_src = P + t, run_len = 1;
+        }
+        return true;
+      });
+      flush();
       std::swap(kept_now, kept_next);
     }
   });
